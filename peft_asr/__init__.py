@@ -1,0 +1,28 @@
+"""peft-asr: Analytic Subspace Routing (Any-SSR, arXiv 2503.13575) for continual learning, as a PEFT method.
+
+``import peft_asr`` registers the ``ASR`` PEFT type, so ``get_peft_model(model, ASRConfig(...))``,
+``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` work with ASR banks.
+"""
+
+from ._registry import ASR_PEFT_TYPE, register
+
+register()
+
+from .callback import ASRCallback  # noqa: E402
+from .config import BASE_ROUTE, ASRConfig  # noqa: E402
+from .model import ASRModel  # noqa: E402
+from .router import AnalyticRouter  # noqa: E402
+from .rls import RouterNumericalError  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ASRConfig",
+    "ASRModel",
+    "ASRCallback",
+    "AnalyticRouter",
+    "BASE_ROUTE",
+    "ASR_PEFT_TYPE",
+    "RouterNumericalError",
+    "__version__",
+]

@@ -1,0 +1,93 @@
+"""The only module that touches PEFT internals.
+
+What we rely on (pinned by ``tests/test_registry_contract.py``; ``peft`` is pinned to the tested range in
+``pyproject.toml``):
+
+1. ``peft.utils.peft_types.PeftType`` is a ``str`` enum; we add the member ``ASR`` at runtime.
+2. ``peft.utils.register_peft_method(name=..., config_cls=..., model_cls=..., prefix=...)`` fills PEFT's mappings
+   so that ``get_peft_model``, ``PeftModel.from_pretrained`` and ``AutoPeftModel*`` find our classes.
+3. ``PeftModel.save_pretrained(save_directory, safe_serialization=..., is_main_process=..., ...)`` and
+   ``PeftModel.load_adapter(model_id, adapter_name, ...)``: we wrap both so that an ASR bank also writes and reads
+   its optional router-statistics file and its model card. The wrappers do nothing for other PEFT methods.
+4. ``PeftModel._enable_peft_forward_hooks`` calls ``base_model._enable_peft_forward_hooks(*args, **kwargs)`` as a
+   context around every forward and ``generate``; our routing hooks live in that context.
+
+Registration is idempotent: importing ``peft_asr`` twice, or reloading it, registers once.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+
+from peft.utils import peft_types
+
+__all__ = ["ASR_PEFT_TYPE", "register", "PEFT_METHOD_NAME"]
+
+PEFT_METHOD_NAME = "asr"
+_MARK = "__peft_asr_wrapped__"
+
+
+def _add_peft_type() -> enum.Enum:
+    """Add ``PeftType.ASR`` (value ``"ASR"``) to PEFT's enum, once."""
+    cls = peft_types.PeftType
+    if "ASR" in cls.__members__:
+        return cls["ASR"]
+    member = str.__new__(cls, "ASR")
+    member._name_ = "ASR"
+    member._value_ = "ASR"
+    member.__objclass__ = cls
+    if hasattr(member, "_sort_order_"):
+        member._sort_order_ = len(cls._member_names_)
+    cls._member_map_["ASR"] = member
+    cls._value2member_map_["ASR"] = member
+    cls._member_names_.append("ASR")
+    type.__setattr__(cls, "ASR", member)
+    return member
+
+
+ASR_PEFT_TYPE = _add_peft_type()
+
+
+def _wrap_bank_io() -> None:
+    """Wrap ``PeftModel.save_pretrained`` / ``load_adapter`` with the ASR bank hooks (no-ops for other methods)."""
+    from peft import PeftModel
+
+    if getattr(PeftModel.save_pretrained, _MARK, False):
+        return
+    original_save = PeftModel.save_pretrained
+    original_load = PeftModel.load_adapter
+
+    @functools.wraps(original_save)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        from .hub import is_asr_model, save_bank
+
+        if not is_asr_model(self):
+            return original_save(self, save_directory, *args, **kwargs)
+        return save_bank(self, original_save, save_directory, *args, **kwargs)
+
+    @functools.wraps(original_load)
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        from .hub import is_asr_model, load_bank
+
+        if not is_asr_model(self):
+            return original_load(self, model_id, adapter_name, *args, **kwargs)
+        return load_bank(self, original_load, model_id, adapter_name, *args, **kwargs)
+
+    setattr(save_pretrained, _MARK, True)
+    setattr(load_adapter, _MARK, True)
+    PeftModel.save_pretrained = save_pretrained
+    PeftModel.load_adapter = load_adapter
+
+
+def register() -> None:
+    """Register the ASR method with PEFT (idempotent)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    from .config import ASRConfig
+    from .model import ASRModel
+
+    if ASR_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
+        register_peft_method(name=PEFT_METHOD_NAME, config_cls=ASRConfig, model_cls=ASRModel, prefix=ASRModel.prefix)
+    _wrap_bank_io()

@@ -1,0 +1,208 @@
+"""The task bank wrapped around one linear layer: one LoRA subspace (A_t, B_t) per task.
+
+Each task's ``A`` (r x in) and ``B`` (out x r) are separate ``nn.Parameter`` objects, so the optimizer of task ``t``
+only ever sees task ``t``'s tensors: old subspaces stay bit-identical, weight decay included.
+
+The layer applies either
+
+* one task to every row (``active_task``: the task being trained, or the one pinned by ``use_task``), or
+* one task *per row* when the routing pass hands it ``asr_task_ids`` (B,) through a scoped forward pre-hook
+  (class 0 = base route: no adapter; class t+1 = ``tasks[t]``). The per-row path gathers each row's A/B and runs
+  two batched matmuls, with no Python loop over tasks and no device synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+__all__ = ["ASRLayer", "Linear"]
+
+
+class ASRLayer(BaseTunerLayer):
+    adapter_layer_names = ("asr_A", "asr_B")
+    other_param_names = ("asr_r", "asr_scaling", "asr_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.asr_A = nn.ModuleDict()  # adapter -> ParameterDict(task -> (r, in))
+        self.asr_B = nn.ModuleDict()  # adapter -> ParameterDict(task -> (out, r))
+        self.asr_dropout = nn.ModuleDict()
+        self.asr_r: dict[str, int] = {}
+        self.asr_scaling: dict[str, float] = {}
+        # Which task a layer applies when no per-row routing is handed in: configuration set by ASRModel (the task
+        # being trained, or the task pinned by `use_task`), like PEFT's active adapter. Never per-call state.
+        self.active_task: Optional[str] = None
+        self.trainable_task: Optional[str] = None
+        self._merged_task: Optional[str] = None
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+            self.fan_in_fan_out = False
+        elif isinstance(base, Conv1D):
+            # GPT-2 style projection: weight is (in, out) and forward is x @ W + b
+            self.in_features, self.out_features = base.weight.shape
+            self.fan_in_fan_out = True
+        else:
+            raise TypeError(
+                f"ASR adapts `torch.nn.Linear` and `transformers` `Conv1D` layers only, got {type(base).__name__}; "
+                "choose other `target_modules`."
+            )
+
+    # ------------------------------------------------------------------ creation
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, tasks: list[str]) -> None:
+        self.asr_r[adapter_name] = r
+        self.asr_scaling[adapter_name] = lora_alpha / r
+        self.asr_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.asr_A[adapter_name] = nn.ParameterDict()
+        self.asr_B[adapter_name] = nn.ParameterDict()
+        for task in tasks:
+            self.add_task(adapter_name, task)
+        self.set_adapter(self.active_adapters)
+
+    def add_task(self, adapter_name: str, task: str) -> None:
+        """Create task ``task``'s subspace: A Kaiming-uniform, B zero (the new task starts as the base model)."""
+        r = self.asr_r[adapter_name]
+        weight = self.get_base_layer().weight
+        # float32 adapters on fp16/bf16 bases, as PEFT's autocast_adapter_dtype does
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+        a = torch.empty(r, self.in_features, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        b = torch.zeros(self.out_features, r, dtype=dtype, device=device)
+        self.asr_A[adapter_name][task] = nn.Parameter(a, requires_grad=task == self.trainable_task)
+        self.asr_B[adapter_name][task] = nn.Parameter(b, requires_grad=task == self.trainable_task)
+
+    def remove_task(self, adapter_name: str, task: str) -> None:
+        del self.asr_A[adapter_name][task]
+        del self.asr_B[adapter_name][task]
+
+    # ------------------------------------------------------------------ trainability
+    def _freeze_other_tasks(self) -> None:
+        for name in self.adapter_layer_names:
+            for tasks in getattr(self, name).values():
+                for task, param in tasks.items():
+                    if task != self.trainable_task:
+                        param.requires_grad_(False)
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        # PEFT marks every parameter of an active adapter trainable; only the task being trained may be.
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._freeze_other_tasks()
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names=None) -> None:
+        super()._freeze_non_trainable_peft_weights(adapter_names)
+        self._freeze_other_tasks()
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad)
+        self._freeze_other_tasks()
+
+    # ------------------------------------------------------------------ merging
+    def get_delta_weight(self, adapter_name: str, task: str) -> torch.Tensor:
+        """``scaling * B @ A`` in the base weight's layout: (out, in), or (in, out) for Conv1D."""
+        a = self.asr_A[adapter_name][task]
+        b = self.asr_B[adapter_name][task]
+        delta = (b @ a) * self.asr_scaling[adapter_name]  # (out, r) @ (r, in) -> (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        if self.merged:
+            return
+        task = self.active_task
+        if task is None:
+            raise ValueError(
+                "an ASR bank routes each input to its own task, so it cannot be merged as a whole; pin one task: "
+                "`with model.use_task('name'): model.merge_and_unload()` or `model.merge_and_unload(task='name')`."
+            )
+        adapter = self.active_adapters[0]
+        base = self.get_base_layer()
+        delta = self.get_delta_weight(adapter, task).to(base.weight.dtype)
+        if safe_merge:
+            merged = base.weight.data + delta
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"merging task {task!r} produced NaN or inf weights; the task's subspace is broken.")
+            base.weight.data = merged
+        else:
+            base.weight.data += delta
+        self._merged_task = task
+        self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        adapter = self.merged_adapters.pop()
+        base = self.get_base_layer()
+        base.weight.data -= self.get_delta_weight(adapter, self._merged_task).to(base.weight.dtype)
+        self._merged_task = None
+
+
+class Linear(nn.Module, ASRLayer):
+    """An ``nn.Linear`` or ``Conv1D`` with one LoRA subspace per task."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                 tasks: list[str], **kwargs: Any) -> None:
+        super().__init__()
+        ASRLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, tasks)
+
+    def forward(self, x: torch.Tensor, *args: Any, asr_task_ids: Optional[torch.Tensor] = None, **kwargs: Any):
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+                result = self.base_layer(x, *args, **kwargs)
+            return result
+        if self.merged:
+            return result
+        adapter = self.active_adapters[0] if self.active_adapters else None
+        if adapter is None or adapter not in self.asr_A:
+            return result
+        tasks_a, tasks_b = self.asr_A[adapter], self.asr_B[adapter]
+        dropout, scaling = self.asr_dropout[adapter], self.asr_scaling[adapter]
+        if asr_task_ids is not None:
+            return result + self._routed_delta(x, asr_task_ids, tasks_a, tasks_b, dropout, scaling).to(result.dtype)
+        if self.active_task is None:
+            return result  # base route: the plain base layer
+        a, b = tasks_a[self.active_task], tasks_b[self.active_task]
+        h = nn.functional.linear(dropout(x).to(a.dtype), a)  # (..., in) -> (..., r)
+        return result + (nn.functional.linear(h, b) * scaling).to(result.dtype)  # (..., r) -> (..., out)
+
+    @staticmethod
+    def _routed_delta(x, task_ids, tasks_a, tasks_b, dropout, scaling) -> torch.Tensor:
+        """Per-row LoRA update: row i uses class ``task_ids[i]`` (0 = no adapter, t+1 = t-th task)."""
+        squeeze = x.dim() == 2
+        if squeeze:
+            x = x.unsqueeze(1)  # (B, in) -> (B, 1, in)
+        if x.shape[0] != task_ids.shape[0]:
+            if x.shape[0] % task_ids.shape[0] != 0:
+                raise RuntimeError(
+                    f"routed batch has {task_ids.shape[0]} decisions but a layer received {x.shape[0]} rows."
+                )
+            # encoder-decoder generation expands the encoder batch by num_beams after routing
+            task_ids = task_ids.repeat_interleave(x.shape[0] // task_ids.shape[0])
+        a_all = torch.stack(list(tasks_a.values()))  # (T, r, in)
+        b_all = torch.stack(list(tasks_b.values()))  # (T, out, r)
+        index = (task_ids - 1).clamp(min=0)  # (B,) row -> task position; base rows are zeroed below
+        a = a_all.index_select(0, index)  # (B, r, in)
+        b = b_all.index_select(0, index)  # (B, out, r)
+        h = torch.bmm(dropout(x).to(a.dtype), a.transpose(1, 2))  # (B, L, in) @ (B, in, r) -> (B, L, r)
+        delta = torch.bmm(h, b.transpose(1, 2)) * scaling  # (B, L, r) @ (B, r, out) -> (B, L, out)
+        keep = (task_ids > 0).to(delta.dtype).view(-1, 1, 1)  # (B, 1, 1): 0 for the base route
+        delta = delta * keep
+        return delta.squeeze(1) if squeeze else delta
+
+    def __repr__(self) -> str:
+        return "asr." + super().__repr__()

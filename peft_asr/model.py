@@ -1,0 +1,485 @@
+"""`ASRModel`: the PEFT tuner of Analytic Subspace Routing (Any-SSR).
+
+Flow of one routed forward (eval mode, no task pinned)::
+
+    input_ids -> blocks 0..L_f-1 (no adapters)
+              -> pre-hook on block L_f: final norm + masked mean over prompt tokens -> router -> class per row
+              -> blocks L_f..L-1: every ASR layer applies its row's task (class 0: plain base model) -> logits
+
+One pass: the shallow blocks run once, and the decision reaches the deep layers through forward pre-hooks that
+:meth:`ASRModel._enable_peft_forward_hooks` installs for the duration of one ``forward`` or one whole ``generate``
+call and removes in ``finally``. During ``generate`` the decision taken on the prompt pass is kept for every decode
+step (the router block only sees one new token per step). In training mode, or inside ``use_task``, no routing
+happens: every row uses the task being trained (or the pinned one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from .config import BASE_ROUTE, ASRConfig, validate_task_name
+from .features import masked_mean, prompt_mask
+from .layer import ASRLayer, Linear
+from .router import BASE_CLASS, AnalyticRouter
+
+__all__ = ["ASRModel"]
+
+LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+class _StopForward(Exception):
+    """Raised by the feature hook to end a forward pass after the shallow blocks (the deep ones never run)."""
+
+
+@dataclass
+class _RoutingCall:
+    """Per-call routing state; lives only inside one `_enable_peft_forward_hooks` context."""
+
+    inputs: Optional[dict] = None
+    task_ids: Optional[torch.Tensor] = None
+
+
+def find_blocks(model: nn.Module, layers_pattern: Optional[str] = None) -> tuple[str, nn.ModuleList]:
+    """Find the transformer block list (PEFT's ``layers_pattern`` conventions); the encoder's for seq2seq models."""
+    patterns = (layers_pattern,) if layers_pattern else LAYERS_PATTERNS
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and name.rsplit(".", 1)[-1] in patterns
+    ]
+    if len(found) > 1:
+        encoder = [(n, m) for n, m in found if "encoder" in n.split(".")]
+        found = encoder or found
+    if len(found) != 1:
+        listed = [n for n, _ in found]
+        raise ValueError(
+            f"could not find a unique list of transformer blocks named {list(patterns)} in "
+            f"{type(model).__name__} (candidates: {listed}); set `layers_pattern` in the ASRConfig to the name of the "
+            "`nn.ModuleList` holding the blocks."
+        )
+    return found[0]
+
+
+def find_final_norm(model: nn.Module, blocks_name: str) -> nn.Module:
+    """The normalisation applied after the block list by its parent (``norm``, ``ln_f``, ``final_layer_norm``...).
+
+    Post-norm encoders such as BERT have none; the hidden states are then used as they are.
+    """
+    parent_name, _, child = blocks_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    after = False
+    for name, module in parent.named_children():
+        if name == child:
+            after = True
+        elif after and "norm" in type(module).__name__.lower():
+            return module
+    return nn.Identity()
+
+
+def _bind_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The named inputs of a forward call, whether passed by position or keyword."""
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    inputs = dict(bound.arguments)
+    inputs.update(inputs.pop("kwargs", {}) or {})
+    return inputs
+
+
+def _hidden_from_call(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class ASRModel(BaseTuner):
+    """Analytic Subspace Routing (Any-SSR) tuner: per-task LoRA subspaces in the deep blocks and an analytic router.
+
+    Created by ``get_peft_model(model, ASRConfig(...))`` (after ``import peft_asr``); its public methods are reachable
+    on the returned ``PeftModel``: :meth:`add_task`, :attr:`tasks`, :meth:`fit_router`, :meth:`route`,
+    :meth:`route_scores`, :meth:`use_task`.
+    """
+
+    prefix: str = "asr_"
+    tuner_layer_cls = ASRLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    uses_shared_state = True  # the router is shared by all layers
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # ------------------------------------------------------------------ PEFT tuner plumbing
+    def _pre_injection_hook(self, model: nn.Module, config: ASRConfig, adapter_name: str) -> None:
+        if len(self.peft_config) > 1:
+            raise ValueError(
+                "an ASR model holds one bank (one PEFT adapter) whose tasks are routed per input; add tasks with "
+                "`add_task`, or combine banks trained apart with `peft_asr.merge_banks`."
+            )
+        blocks_name, blocks = find_blocks(model, config.layers_pattern)
+        num_layers = len(blocks)
+        hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+        if hidden_size is None:
+            raise ValueError(f"cannot read `hidden_size` from the config of {type(model).__name__}.")
+        for field_name, recorded, actual, what in (
+            ("base_hidden_size", config.base_hidden_size, hidden_size, "hidden size"),
+            ("base_num_layers", config.base_num_layers, num_layers, "number of blocks"),
+        ):
+            if recorded is not None and recorded != actual:
+                raise ValueError(
+                    f"this bank was built for a base model with {what} {recorded}, but the model it is loaded onto "
+                    f"has {what} {actual}: load it onto the base model it was trained with "
+                    f"({config.base_model_name_or_path!r})."
+                )
+        if not 0 <= config.router_layer < num_layers:
+            raise ValueError(
+                f"`router_layer` must be in [0, {num_layers - 1}] for this model ({num_layers} blocks in "
+                f"`{blocks_name}`), got {config.router_layer}."
+            )
+        config.layers_pattern = blocks_name.rsplit(".", 1)[-1]
+        config.layers_to_transform = list(range(config.router_layer, num_layers))
+        config.base_hidden_size = hidden_size
+        config.base_num_layers = num_layers
+        self._blocks_name = blocks_name
+
+    def _post_injection_hook(self, model: nn.Module, config: ASRConfig, adapter_name: str) -> None:
+        router = AnalyticRouter(
+            in_features=config.base_hidden_size,
+            num_classes=config.num_tasks + 1,
+            feature_dim=config.feature_dim,
+            activation=config.activation,
+            ridge=config.ridge,
+            seed=config.router_seed,
+            confidence_threshold=config.confidence_threshold,
+        )
+        device = next(model.parameters()).device
+        self.asr_router = nn.ModuleDict({adapter_name: router.to(device)})
+        self._training_task: Optional[str] = None
+        self._pinned: list[str] = []  # stack of tasks pinned by `use_task` (BASE_ROUTE pins the base model)
+
+    def _prepare_adapter_config(self, peft_config: ASRConfig, model_config: dict) -> ASRConfig:
+        if peft_config.target_modules is None:
+            targets = self.target_module_mapping.get(model_config.get("model_type"))
+            if targets is None:
+                raise ValueError(
+                    f"no default `target_modules` for model type {model_config.get('model_type')!r}; set "
+                    "`target_modules` in the ASRConfig (e.g. ['q_proj', 'v_proj'])."
+                )
+            peft_config.target_modules = set(targets)
+        return peft_config
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: ASRConfig, key: str):
+        found = check_target_module_exists(peft_config, key)
+        if found and isinstance(peft_config.target_modules, str) and peft_config.layers_to_transform:
+            # PEFT applies `layers_to_transform` to list targets only; a regex target must stay in the deep blocks too
+            marker = f"{peft_config.layers_pattern}."
+            parts = key.split(".")
+            indices = [int(parts[i + 1]) for i, p in enumerate(parts[:-1]) if p + "." == marker and parts[i + 1].isdigit()]
+            return bool(indices) and indices[0] in peft_config.layers_to_transform
+        return found
+
+    def _create_and_replace(self, config: ASRConfig, adapter_name, target, target_name, parent, current_key=None, **_):
+        if isinstance(target, ASRLayer):
+            target.update_layer(adapter_name, config.r, config.lora_alpha, config.lora_dropout, config.tasks)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise TypeError(
+                f"target module `{current_key}` is a {type(base).__name__}; ASR adapts `torch.nn.Linear` and "
+                "`Conv1D` layers only. Choose other `target_modules`."
+            )
+        new = Linear(target, adapter_name, config.r, config.lora_alpha, config.lora_dropout, config.tasks)
+        self._replace_module(parent, target_name, new, target)
+
+    def _check_new_adapter_config(self, config) -> None:
+        if len(self.peft_config) > 1:
+            raise ValueError(
+                "an ASR model holds one bank (one PEFT adapter); add tasks with `add_task`, or combine banks trained "
+                "apart with `peft_asr.merge_banks`."
+            )
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for layer in self._asr_layers(model):
+            layer._freeze_other_tasks()
+
+    # ------------------------------------------------------------------ small accessors
+    @property
+    def _adapter(self) -> str:
+        return next(iter(self.peft_config))
+
+    @property
+    def bank_config(self) -> ASRConfig:
+        """The `ASRConfig` of the bank."""
+        return self.peft_config[self._adapter]
+
+    @property
+    def router(self) -> AnalyticRouter:
+        """The :class:`~peft_asr.router.AnalyticRouter` of the bank."""
+        return self.asr_router[self._adapter]
+
+    @property
+    def tasks(self) -> list[str]:
+        """Names of the tasks in the bank, in the order they were added (the router's class order)."""
+        return list(self.bank_config.tasks)
+
+    @property
+    def training_task(self) -> Optional[str]:
+        """The task whose subspace is trainable (the last one added), or ``None``."""
+        return self._training_task
+
+    def _asr_layers(self, model: Optional[nn.Module] = None) -> Iterator[ASRLayer]:
+        for module in (model or self.model).modules():
+            if isinstance(module, ASRLayer):
+                yield module
+
+    def _blocks(self) -> nn.ModuleList:
+        return find_blocks(self.model, self.bank_config.layers_pattern)[1]
+
+    def _router_block(self) -> nn.Module:
+        return self._blocks()[self.bank_config.router_layer]
+
+    def _final_norm(self) -> nn.Module:
+        name, _ = find_blocks(self.model, self.bank_config.layers_pattern)
+        return find_final_norm(self.model, name)
+
+    def _feature_module(self) -> nn.Module:
+        """The module whose forward receives the 2-D attention mask and runs the router block (encoder for seq2seq)."""
+        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            return self.model.get_encoder()
+        return self.model
+
+    def _check_task(self, task: str) -> str:
+        if task not in self.bank_config.tasks:
+            raise ValueError(
+                f"task {task!r} is not in the bank (tasks: {self.tasks}); call `add_task({task!r})` first."
+            )
+        return task
+
+    def _sync_layers(self) -> None:
+        """Push the pinned / training task to every layer (configuration, like PEFT's active adapter)."""
+        pinned = self._pinned[-1] if self._pinned else None
+        active = pinned if pinned is not None else self._training_task
+        active = None if active == BASE_ROUTE else active
+        for layer in self._asr_layers():
+            layer.active_task = active
+            layer.trainable_task = self._training_task
+            layer._freeze_other_tasks()
+
+    # ------------------------------------------------------------------ tasks
+    def add_task(self, name: str) -> None:
+        """Add a LoRA subspace for task ``name`` in every adapted layer; it becomes the only trainable one.
+
+        The router learns the task when :meth:`fit_router` (or ``ASRCallback`` at the end of training) feeds it the
+        task's prompts. Earlier subspaces are frozen and never change again.
+        """
+        config = self.bank_config
+        validate_task_name(name, config.tasks)
+        adapter = self._adapter
+        self._training_task = name
+        for layer in self._asr_layers():
+            layer.trainable_task = name
+            layer.add_task(adapter, name)
+        config.tasks.append(name)
+        self.router.add_class()
+        config.inference_mode = False
+        self._sync_layers()
+
+    @contextlib.contextmanager
+    def use_task(self, name: Optional[str]) -> Iterator[None]:
+        """Pin every row to task ``name`` (no routing) inside a ``with`` block; ``None`` pins the plain base model."""
+        name = BASE_ROUTE if name is None else name
+        if name != BASE_ROUTE:
+            self._check_task(name)
+        self._pinned.append(name)
+        self._sync_layers()
+        try:
+            yield
+        finally:
+            self._pinned.pop()
+            self._sync_layers()
+
+    # ------------------------------------------------------------------ router features
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    def _pool(self, hidden: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Router input from the hidden state entering the router block: (B, L, d) -> (B, d) float64."""
+        mask = prompt_mask(
+            inputs.get("attention_mask"),
+            inputs.get("labels"),
+            inputs.get("prompt_mask"),
+            shape=tuple(hidden.shape[:2]),
+        )
+        with torch.no_grad():
+            normed = self._final_norm()(hidden)  # (B, L, d)
+        return masked_mean(normed, mask.to(hidden.device))  # (B, L, d) -> (B, d)
+
+    def router_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Pooled router inputs (B, d) of a batch, running only the blocks below ``router_layer``.
+
+        ``batch`` holds ``input_ids`` (or ``inputs_embeds``), optionally ``attention_mask``, ``labels`` (positions set
+        to -100 are the prompt) and ``prompt_mask`` (an explicit prompt mask, used instead of ``labels``).
+        """
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"a batch must be a mapping with `input_ids` and `attention_mask`, got {type(batch).__name__}.")
+        if batch.get("input_ids") is None and batch.get("inputs_embeds") is None:
+            raise ValueError(f"a batch needs `input_ids` (or `inputs_embeds`); got keys {sorted(batch)}.")
+        device = next(self.model.parameters()).device
+        tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_module, args, kwargs):
+            captured["pooled"] = self._pool(_hidden_from_call(args, kwargs), tensors)
+            raise _StopForward
+
+        call = {k: tensors[k] for k in ("input_ids", "inputs_embeds", "attention_mask") if tensors.get(k) is not None}
+        handle = self._router_block().register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad(), self._eval_mode():
+                self._feature_module()(**call)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if "pooled" not in captured:
+            raise RuntimeError("the router block was never reached; is `layers_pattern` pointing at the right blocks?")
+        return captured["pooled"]
+
+    def fit_router(
+        self,
+        batches: Iterable[Mapping[str, Any]],
+        task: Optional[str],
+        *,
+        progress: bool = True,
+        reduce_sum=None,
+    ) -> "ASRModel":
+        """Add the prompts of ``batches`` to the router statistics of ``task`` and mark the router for re-solving.
+
+        Args:
+            batches: iterable of collated batches (dicts with ``input_ids``, ``attention_mask`` and ``labels`` where
+                -100 marks prompt tokens, or ``prompt_mask``; without either, every real token counts as prompt).
+            task: a task of the bank, or ``None`` / ``"__base__"`` for the general route (rows routed there are
+                answered by the plain base model).
+            progress: show a progress bar.
+            reduce_sum: in distributed runs, a function summing a tensor over processes; the statistics added by
+                this call are summed so every process holds the same router.
+
+        Only the blocks below ``router_layer`` run (no gradients). Returns ``self``.
+        """
+        label = BASE_CLASS if task in (None, BASE_ROUTE) else self.bank_config.tasks.index(self._check_task(task)) + 1
+        router = self.router
+        before = router.snapshot() if reduce_sum is not None else None
+        seen = 0
+        for batch in tqdm(batches, desc=f"router fit [{task or BASE_ROUTE}]", disable=not progress, leave=False):
+            pooled = self.router_features(batch)
+            router.partial_fit(pooled, label)
+            seen += pooled.shape[0]
+        if reduce_sum is not None:
+            router.all_reduce_statistics(reduce_sum, before)
+        elif seen == 0:
+            raise ValueError(f"`fit_router` got no batches for task {task!r}; pass the task's (prompt) batches.")
+        return self
+
+    # ------------------------------------------------------------------ routing
+    def route_scores(self, input_ids=None, attention_mask=None, *, include_base: bool = False, **batch) -> torch.Tensor:
+        """Router scores (B, T), float64, columns in :attr:`tasks` order (``include_base``: base route first)."""
+        batch = dict(batch, input_ids=input_ids, attention_mask=attention_mask)
+        scores = self.router.scores(self.router_features(batch))  # (B, T + 1)
+        return scores if include_base else scores[:, 1:]
+
+    def route(self, input_ids=None, attention_mask=None, **batch) -> list[str]:
+        """The task chosen for every row (``"__base__"`` for rows sent to the plain base model)."""
+        batch = dict(batch, input_ids=input_ids, attention_mask=attention_mask)
+        classes = self.router.predict(self.router_features(batch)).tolist()
+        names = [BASE_ROUTE] + self.tasks
+        return [names[c] for c in classes]
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Scope of one forward / generate call: install the routing hooks, remove them in ``finally``."""
+        if self._pinned:
+            yield
+            return
+        if self.model.training:
+            if self._training_task is None:
+                raise RuntimeError(
+                    "the model is in training mode but no task is being trained: call `add_task(name)` before "
+                    "training, `model.eval()` to route, or pin a task with `use_task(name)`."
+                )
+            yield
+            return
+        router = self.router
+        if not router.is_fitted:
+            raise RuntimeError(
+                "the router has not been fitted on any task yet: call `fit_router(batches, task=...)` (ASRCallback does "
+                "it at the end of training), or pin a task with `use_task(name)`."
+            )
+        router.solve()
+        call = _RoutingCall()
+        feature_module = self._feature_module()
+
+        def capture_inputs(module, args, kwargs):
+            if call.task_ids is None:
+                call.inputs = _bind_inputs(module, args, kwargs)
+
+        def decide(_module, args, kwargs):
+            if call.task_ids is not None:
+                return  # decode step of `generate`: keep the prompt pass's decision
+            hidden = _hidden_from_call(args, kwargs)
+            pooled = self._pool(hidden, call.inputs or {})  # (B, d)
+            call.task_ids = router.predict(pooled).to(hidden.device)  # (B,)
+
+        def hand_over(_module, args, kwargs):
+            if call.task_ids is None:
+                raise RuntimeError(
+                    "an adapted layer ran before the router decided: the router block did not run in this call "
+                    "(e.g. `encoder_outputs` were passed); pass `input_ids` so routing can run."
+                )
+            kwargs["asr_task_ids"] = call.task_ids
+            return args, kwargs
+
+        handles = [
+            feature_module.register_forward_pre_hook(capture_inputs, with_kwargs=True),
+            self._router_block().register_forward_pre_hook(decide, with_kwargs=True),
+        ]
+        try:
+            handles.extend(layer.register_forward_pre_hook(hand_over, with_kwargs=True) for layer in self._asr_layers())
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # ------------------------------------------------------------------ merging / unloading
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None,
+                         task: Optional[str] = None) -> nn.Module:
+        """Merge one task's subspace into the base weights and return the plain model.
+
+        The task is ``task`` or the one pinned by ``use_task``; a bank as a whole cannot be merged (it routes).
+        """
+        if task is not None:
+            self._check_task(task)
+            with self.use_task(task):
+                return self.merge_and_unload(progressbar, safe_merge, adapter_names)
+        pinned = self._pinned[-1] if self._pinned else None
+        if pinned is None or pinned == BASE_ROUTE:
+            raise ValueError(
+                "an ASR bank routes each input to its own task, so it cannot be merged as a whole; pin one task: "
+                "`model.merge_and_unload(task='name')` or `with model.use_task('name'): model.merge_and_unload()`."
+            )
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)

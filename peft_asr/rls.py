@@ -1,0 +1,153 @@
+"""Recursive least squares for the analytic router: pure tensor math.
+
+This module has no ``torch.nn``, ``peft`` or ``transformers`` import; every function takes and returns plain
+tensors, so it can be tested (and reasoned about) without a model.
+
+Notation. A batch of ``n`` router features is ``Phi`` (n x E); its one-hot task targets are ``Y`` (n x K).
+The router is the ridge regression
+
+    W = argmin_W ||Phi W - Y||^2 + lambda ||W||^2 = (Phi^T Phi + lambda I)^-1 Phi^T Y              (1)
+
+over *all* data seen so far. Two equivalent ways to get there without keeping old data:
+
+Sufficient statistics (the default path). Keep
+
+    G = sum_b Phi_b^T Phi_b   (E x E)        C = sum_b Phi_b^T Y_b   (E x K)                      (2)
+
+Both are sums over batches, so they can be accumulated in any order and chunking, summed across processes
+(all-reduce) and added up across banks trained apart. Solving (1) from (G, C) is one Cholesky factorisation of
+``G + lambda I``. A new task appends a column to ``C`` (its old rows are zero: no earlier sample belongs to it), so the
+router after task k is *exactly* the one trained jointly on tasks 1..k.
+
+Block Woodbury / RLS (the paper's recursive form). Keep ``R = (G + lambda I)^-1`` and ``W``. For a new batch
+(Phi_b, Y_b), with ``S = I_n + Phi_b R Phi_b^T`` (n x n):
+
+    K  = R Phi_b^T S^-1                                                                             (3)
+    R' = R - K Phi_b R                                                                              (4)
+    W' = W + K (Y_b - Phi_b W)                                                                      (5)
+
+(3)-(5) are the matrix-inversion lemma applied to ``G' = G + Phi_b^T Phi_b``; they give the same ``W'`` as solving
+(1) from the statistics, up to round-off. Round-off matters: at ridge 1 the system is ill conditioned (condition
+number ~5e6 on real LLM features), and in float32 the recursive update flips most predictions. Everything here
+therefore runs in float64, and the statistics path (2) is preferred because its error does not accumulate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "RouterNumericalError",
+    "accumulate",
+    "ridge_solve",
+    "woodbury_init",
+    "woodbury_update",
+    "joint_solve",
+    "one_hot",
+]
+
+
+class RouterNumericalError(ValueError):
+    """The ridge system could not be solved to finite values (overflowed features or a singular system)."""
+
+
+_HINT = (
+    "Raise `ridge` in the ASRConfig (e.g. 10x), check that the model's hidden states are finite (fp16 models can "
+    "overflow: run the router feature pass in bf16 or fp32), and keep router state in float64."
+)
+
+
+def _check_float64(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype != torch.float64:
+        raise TypeError(f"`{name}` must be float64 (router math is exact only in double precision), got {tensor.dtype}.")
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise :class:`RouterNumericalError` when ``tensor`` holds NaN or inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise RouterNumericalError(f"`{name}` contains NaN or inf values. {_HINT}")
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Float64 one-hot targets: (n,) int64 -> (n, num_classes)."""
+    if labels.dim() != 1:
+        raise ValueError(f"`labels` must be 1-D, got shape {tuple(labels.shape)}.")
+    return torch.nn.functional.one_hot(labels.long(), num_classes).to(torch.float64)
+
+
+def accumulate(
+    gram: torch.Tensor, cross: torch.Tensor, phi: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add one batch to the statistics of eq. (2), in place; returns ``(gram, cross)``.
+
+    Args:
+        gram: (E, E) float64 running ``sum Phi^T Phi``.
+        cross: (E, K) float64 running ``sum Phi^T Y``.
+        phi: (n, E) float64 features of the batch.
+        targets: (n, K) float64 targets of the batch (one-hot rows).
+    """
+    for name, t in (("gram", gram), ("cross", cross), ("phi", phi), ("targets", targets)):
+        _check_float64(name, t)
+    if phi.shape[0] != targets.shape[0]:
+        raise ValueError(f"`phi` has {phi.shape[0]} rows but `targets` has {targets.shape[0]}.")
+    check_finite("phi", phi)
+    gram.addmm_(phi.T, phi)  # (E, n) @ (n, E)
+    cross.addmm_(phi.T, targets)  # (E, n) @ (n, K)
+    return gram, cross
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Solve eq. (1) from the statistics: ``W = (G + ridge I)^-1 C`` by Cholesky. Returns (E, K) float64."""
+    _check_float64("gram", gram)
+    _check_float64("cross", cross)
+    if not ridge > 0:
+        raise ValueError(f"`ridge` must be > 0, got {ridge!r}.")
+    check_finite("gram", gram)
+    a = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise RouterNumericalError(f"The router system G + ridge*I is not positive definite (ridge={ridge}). {_HINT}")
+    weight = torch.cholesky_solve(cross, chol)
+    check_finite("router weight", weight)
+    return weight
+
+
+def woodbury_init(dim: int, num_classes: int, ridge: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start the recursive form of eq. (3)-(5) with no data: ``R = I / ridge``, ``W = 0``."""
+    if not ridge > 0:
+        raise ValueError(f"`ridge` must be > 0, got {ridge!r}.")
+    r = torch.eye(dim, dtype=torch.float64, device=device) / ridge
+    w = torch.zeros(dim, num_classes, dtype=torch.float64, device=device)
+    return r, w
+
+
+def woodbury_update(
+    r: torch.Tensor, weight: torch.Tensor, phi: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block RLS step, eq. (3)-(5). Returns the new ``(R, W)``.
+
+    ``targets`` may have more columns than ``weight`` (a new task arrived): ``W`` is padded with zero columns first,
+    which is exact because no earlier sample belonged to the new task.
+    """
+    for name, t in (("r", r), ("weight", weight), ("phi", phi), ("targets", targets)):
+        _check_float64(name, t)
+    check_finite("phi", phi)
+    if targets.shape[1] > weight.shape[1]:
+        pad = weight.new_zeros(weight.shape[0], targets.shape[1] - weight.shape[1])
+        weight = torch.cat([weight, pad], dim=1)
+    rp = r @ phi.T  # (E, n)
+    s = torch.eye(phi.shape[0], dtype=r.dtype, device=r.device) + phi @ rp  # (n, n), eq. (3)
+    k = torch.linalg.solve(s, rp.T).T  # (E, n) = R Phi^T S^-1; S is symmetric
+    r_new = r - k @ rp.T  # eq. (4): R - K Phi R
+    r_new = 0.5 * (r_new + r_new.T)  # keep R symmetric against round-off
+    w_new = weight + k @ (targets - phi @ weight)  # eq. (5)
+    check_finite("router weight", w_new)
+    return r_new, w_new
+
+
+def joint_solve(phi: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Reference: eq. (1) on all data at once, ``solve(Phi^T Phi + ridge I, Phi^T Y)``, float64."""
+    _check_float64("phi", phi)
+    _check_float64("targets", targets)
+    a = phi.T @ phi + ridge * torch.eye(phi.shape[1], dtype=phi.dtype, device=phi.device)
+    return torch.linalg.solve(a, phi.T @ targets)

@@ -1,0 +1,241 @@
+"""The analytic router of Analytic Subspace Routing: a ridge classifier fitted by recursive least squares.
+
+Input: one pooled hidden state per sequence (see :mod:`peft_asr.features`). Feature map:
+``phi = act(h @ P)`` with a fixed, seeded random projection ``P`` (d x E), or ``phi = h`` when no expansion is
+configured. Output: one score per class; class 0 is the *base* route (the plain base model, fed with general data),
+classes 1..T are the tasks in the order they were added.
+
+State, all float64 whatever the model dtype (``.half()`` or ``.to(torch.bfloat16)`` on the model moves it between
+devices but never changes its dtype):
+
+* ``weight`` (E x K) and ``class_counts`` (K,): the solved router; saved with the bank.
+* ``gram`` (E x E), ``cross`` (E x K): the sufficient statistics of :mod:`peft_asr.rls`; saved to a separate optional
+  file because they can be large (E=8192 is 512 MiB), needed only to keep learning.
+* ``projection`` (d x E): regenerated from ``seed``; never saved.
+
+The scikit-learn ``partial_fit`` contract holds: ``partial_fit`` validates each batch and returns ``self``;
+``predict`` before any fit raises ``RuntimeError``. Solving is lazy: statistics change, the weight is re-solved the
+next time routing (or saving) needs it, so fitting T tasks costs one E x E factorisation, not T.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import rls
+
+__all__ = ["AnalyticRouter", "BASE_CLASS"]
+
+BASE_CLASS = 0  # column of the "general" route that sends a row to the plain base model
+
+
+def make_projection(in_features: int, feature_dim: int, seed: int) -> torch.Tensor:
+    """The fixed random expansion ``P`` (d x E), float64, N(0, 1/d), reproducible from ``seed`` on any device."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    # (d, E); scaled by 1/sqrt(d) so phi has the same per-coordinate scale as the pooled hidden state
+    return torch.randn(in_features, feature_dim, generator=gen, dtype=torch.float64) / in_features**0.5
+
+
+class AnalyticRouter(nn.Module):
+    """Ridge-regression task classifier on frozen features, trained task by task without keeping data.
+
+    Args:
+        in_features: width ``d`` of the pooled hidden state.
+        num_classes: ``K`` = number of tasks + 1 (the base route is class 0).
+        feature_dim: ``E``, width of the random expansion; ``None`` keeps the pooled feature as is (``E = d``).
+        activation: ``"relu"`` or ``"none"``, applied after the expansion.
+        ridge: ``lambda`` of eq. (1) in :mod:`peft_asr.rls`.
+        seed: seed of the projection ``P``.
+        confidence_threshold: rows whose best task score is below this go to the base route; ``None`` disables it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        feature_dim: Optional[int] = None,
+        activation: str = "none",
+        ridge: float = 1.0,
+        seed: int = 0,
+        confidence_threshold: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        if activation not in ("none", "relu"):
+            raise ValueError(f"`activation` must be 'none' or 'relu', got {activation!r}.")
+        self.in_features = int(in_features)
+        self.feature_dim = int(feature_dim) if feature_dim else None
+        self.activation = activation
+        self.ridge = float(ridge)
+        self.seed = int(seed)
+        self.confidence_threshold = confidence_threshold
+        dim = self.dim
+        f64 = dict(dtype=torch.float64)
+        if self.feature_dim is not None:
+            self.register_buffer("projection", make_projection(self.in_features, self.feature_dim, seed), persistent=False)
+        else:
+            self.projection = None
+        self.register_buffer("weight", torch.zeros(dim, num_classes, **f64))
+        self.register_buffer("class_counts", torch.zeros(num_classes, **f64))
+        self.register_buffer("gram", torch.zeros(dim, dim, **f64), persistent=False)
+        self.register_buffer("cross", torch.zeros(dim, num_classes, **f64), persistent=False)
+        # False after a bank is loaded without its statistics file: the router can route but not learn more.
+        self.has_statistics = True
+        self._dirty = False
+
+    @property
+    def dim(self) -> int:
+        """``E``: the width of the router feature."""
+        return self.feature_dim if self.feature_dim is not None else self.in_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[1]
+
+    # ------------------------------------------------------------------ dtype safety
+    def _apply(self, fn, recurse=True):
+        # Follow device moves but never dtype casts: router state is float64 by design (decision 1 in DESIGN.md).
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            device = fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device
+            self._buffers[name] = buf.to(device)
+        return self
+
+    # ------------------------------------------------------------------ features
+    def expand(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Router features from pooled hidden states: (B, d) -> (B, E), float64."""
+        if pooled.dim() != 2 or pooled.shape[1] != self.in_features:
+            raise ValueError(
+                f"router input must be (batch, {self.in_features}), got shape {tuple(pooled.shape)}; the bank was "
+                "probably built for a base model with another hidden size."
+            )
+        phi = pooled.to(device=self.weight.device, dtype=torch.float64)
+        if self.projection is not None:
+            phi = phi @ self.projection  # (B, d) @ (d, E) -> (B, E)
+        if self.activation == "relu":
+            phi = torch.relu(phi)
+        return phi
+
+    # ------------------------------------------------------------------ classes
+    def add_class(self) -> int:
+        """Append a class column (a new task); returns its index. Exact: no earlier sample belonged to it."""
+        self.weight = torch.cat([self.weight, self.weight.new_zeros(self.dim, 1)], dim=1)
+        self.cross = torch.cat([self.cross, self.cross.new_zeros(self.dim, 1)], dim=1)
+        self.class_counts = torch.cat([self.class_counts, self.class_counts.new_zeros(1)])
+        return self.num_classes - 1
+
+    # ------------------------------------------------------------------ fitting
+    def partial_fit(self, pooled: torch.Tensor, labels: torch.Tensor | int) -> "AnalyticRouter":
+        """Add a batch to the statistics of eq. (2). ``labels``: class index per row, or one int for all rows."""
+        if not self.has_statistics:
+            raise RuntimeError(
+                "this router was loaded without its statistics file (router_statistics.safetensors), so it can route "
+                "but not learn more tasks exactly. Save banks with `save_router_statistics=True` to keep learning."
+            )
+        phi = self.expand(pooled)  # (B, E)
+        if isinstance(labels, int):
+            labels = torch.full((phi.shape[0],), labels, dtype=torch.long, device=phi.device)
+        labels = labels.to(phi.device).long()
+        if labels.shape != (phi.shape[0],):
+            raise ValueError(f"`labels` must have shape ({phi.shape[0]},), got {tuple(labels.shape)}.")
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}), got {labels.unique().tolist()}.")
+        targets = rls.one_hot(labels, self.num_classes)  # (B, K)
+        rls.accumulate(self.gram, self.cross, phi, targets)
+        self.class_counts += targets.sum(dim=0)
+        self._dirty = True
+        return self
+
+    def all_reduce_statistics(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], since: dict) -> None:
+        """Sum the statistics added since the snapshot ``since`` (from :meth:`snapshot`) across processes.
+
+        ``reduce_sum`` maps a tensor to its sum over processes (e.g. ``accelerator.reduce(t, "sum")``). Only the
+        increments are reduced, so state that every process already shares is not counted twice.
+        """
+        for name in ("gram", "cross", "class_counts"):
+            current = getattr(self, name)
+            delta = current - since[name]
+            setattr(self, name, since[name] + reduce_sum(delta))
+        self._dirty = True
+
+    def snapshot(self) -> dict:
+        """Copies of the statistics, to compute per-call increments (see :meth:`all_reduce_statistics`)."""
+        return {n: getattr(self, n).clone() for n in ("gram", "cross", "class_counts")}
+
+    def solve(self) -> "AnalyticRouter":
+        """Re-solve ``weight`` from the statistics (Cholesky, float64). A no-op when nothing changed."""
+        if self._dirty:
+            self.weight = rls.ridge_solve(self.gram, self.cross, self.ridge)
+            self._dirty = False
+        return self
+
+    # ------------------------------------------------------------------ prediction
+    @property
+    def is_fitted(self) -> bool:
+        return bool((self.class_counts > 0).any())
+
+    def scores(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Ridge scores ``phi @ W``: (B, d) -> (B, K) float64. Classes never fitted score ``-inf``."""
+        if not self.is_fitted:
+            raise RuntimeError(
+                "the router has not been fitted on any task yet: call `fit_router(batches, task=...)` (the Trainer "
+                "callback `ASRCallback` does it at the end of training), or pin a task with `use_task(name)`."
+            )
+        self.solve()
+        scores = self.expand(pooled) @ self.weight  # (B, E) @ (E, K) -> (B, K)
+        unfitted = self.class_counts == 0  # (K,)
+        return scores.masked_fill(unfitted, float("-inf"))
+
+    def predict(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Class index per row: (B, d) -> (B,) int64 on the router's device; 0 is the base route."""
+        scores = self.scores(pooled)  # (B, K)
+        best = scores.argmax(dim=1)  # (B,)
+        if self.confidence_threshold is not None:
+            task_best = scores[:, 1:].max(dim=1).values  # (B,) best score among tasks
+            best = torch.where(task_best < self.confidence_threshold, torch.zeros_like(best), best)
+        return best
+
+    # ------------------------------------------------------------------ persistence
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.solve()  # a saved bank always carries the weight that matches its statistics
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def statistics_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors needed to keep learning: ``gram``, ``cross``, ``class_counts`` (float64, CPU)."""
+        if not self.has_statistics:
+            raise RuntimeError("this router has no statistics to save (it was loaded without them).")
+        return {n: getattr(self, n).detach().cpu().contiguous() for n in ("gram", "cross", "class_counts")}
+
+    def load_statistics(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the statistics saved by :meth:`statistics_state_dict`; shapes and dtype are checked."""
+        expected = {"gram": (self.dim, self.dim), "cross": (self.dim, self.num_classes), "class_counts": (self.num_classes,)}
+        for name, shape in expected.items():
+            if name not in state:
+                raise ValueError(f"router statistics lack `{name}`; the file is incomplete or from another program.")
+            t = state[name]
+            if tuple(t.shape) != shape or t.dtype != torch.float64:
+                raise ValueError(
+                    f"router statistics `{name}` has shape {tuple(t.shape)} and dtype {t.dtype}, expected {shape} "
+                    "float64: the statistics file does not belong to this bank."
+                )
+            rls.check_finite(name, t)
+        device = self.weight.device
+        self.gram = state["gram"].to(device)
+        self.cross = state["cross"].to(device)
+        self.class_counts = state["class_counts"].to(device)
+        self.has_statistics = True
+        self._dirty = True
+
+    def mark_loaded_without_statistics(self) -> None:
+        """After loading ``weight``/``class_counts`` only: route with them; refuse to learn more."""
+        self.has_statistics = False
+        self._dirty = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, feature_dim={self.feature_dim}, activation={self.activation!r}, "
+            f"ridge={self.ridge}, classes={self.num_classes}"
+        )
