@@ -1,0 +1,57 @@
+"""Pooling: masked mean over real prompt tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_asr.features import masked_mean, prompt_mask
+
+
+def test_masked_mean_ignores_padding_on_either_side():
+    torch.manual_seed(0)
+    h = torch.randn(1, 5, 3)
+    alone = h.mean(dim=1, dtype=torch.float64)
+    pad = torch.full((1, 3, 3), 1e3)  # huge pad states: any leak would show
+    left = torch.cat([pad, h], dim=1)
+    right = torch.cat([h, pad], dim=1)
+    m_left = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    m_right = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
+    assert torch.allclose(masked_mean(left, prompt_mask(m_left)), alone, atol=1e-12)
+    assert torch.allclose(masked_mean(right, prompt_mask(m_right)), alone, atol=1e-12)
+
+
+def test_labels_restrict_pooling_to_the_prompt():
+    h = torch.arange(12, dtype=torch.float32).view(1, 4, 3)
+    attn = torch.ones(1, 4, dtype=torch.long)
+    labels = torch.tensor([[-100, -100, 7, 8]])  # two prompt tokens, two answer tokens
+    pooled = masked_mean(h, prompt_mask(attn, labels))
+    assert torch.allclose(pooled, h[:, :2].mean(dim=1).double())
+
+
+def test_explicit_prompt_mask_overrides_labels():
+    h = torch.arange(12, dtype=torch.float32).view(1, 4, 3)
+    attn = torch.ones(1, 4, dtype=torch.long)
+    labels = torch.tensor([[5, 6, 7, 8]])  # a collator that does not mask the prompt
+    explicit = torch.tensor([[1, 1, 1, 0]])
+    pooled = masked_mean(h, prompt_mask(attn, labels, explicit))
+    assert torch.allclose(pooled, h[:, :3].mean(dim=1).double())
+
+
+def test_rows_without_prompt_tokens_raise():
+    h = torch.randn(2, 3, 4)
+    mask = prompt_mask(torch.tensor([[1, 1, 1], [0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"rows \[1\] have no prompt token"):
+        masked_mean(h, mask)
+
+
+def test_unmasked_labels_raise_with_hint():
+    h = torch.randn(1, 3, 4)
+    mask = prompt_mask(torch.ones(1, 3), torch.tensor([[4, 5, 6]]))
+    with pytest.raises(ValueError, match="prompt_mask"):
+        masked_mean(h, mask)
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="`labels` has shape"):
+        prompt_mask(torch.ones(2, 3), torch.zeros(2, 4, dtype=torch.long))

@@ -1,0 +1,111 @@
+"""AnalyticRouter: the partial_fit contract, float64 state, persistence of statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_asr import rls
+from peft_asr.router import AnalyticRouter
+
+
+def _data(seed=0, n=40, d=16, k=3):
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=gen) * 3
+    x = torch.cat([centers[i] + torch.randn(n, d, generator=gen) for i in range(k)])
+    y = torch.arange(k).repeat_interleave(n) + 1  # class 0 is the base route
+    return x, y
+
+
+def test_predict_before_fit_is_runtime_error():
+    router = AnalyticRouter(16, 4)
+    with pytest.raises(RuntimeError, match="not been fitted"):
+        router.predict(torch.randn(2, 16))
+
+
+def test_partial_fit_returns_self_and_matches_joint_ridge():
+    x, y = _data()
+    router = AnalyticRouter(16, 4, feature_dim=64, activation="relu", ridge=0.5, seed=3)
+    assert router.partial_fit(x[:50], y[:50]) is router
+    router.partial_fit(x[50:], y[50:])
+    router.solve()
+    phi = router.expand(x)
+    joint = rls.joint_solve(phi, rls.one_hot(y, 4), 0.5)
+    assert (router.weight - joint).abs().max() < 1e-10
+    assert (router.predict(x) == y).float().mean() > 0.95
+
+
+def test_unfitted_classes_are_never_predicted():
+    x, y = _data()
+    router = AnalyticRouter(16, 4).partial_fit(x[y == 1], 1)
+    assert set(router.predict(x).tolist()) == {1}
+
+
+def test_state_stays_float64_under_half_and_bfloat16():
+    x, y = _data()
+    router = AnalyticRouter(16, 4, feature_dim=32).partial_fit(x, y)
+    router.half()
+    router.to(torch.bfloat16)
+    for name in ("weight", "class_counts", "gram", "cross", "projection"):
+        assert getattr(router, name).dtype == torch.float64, name
+    # half-precision inputs still route as float32 inputs do
+    assert torch.equal(router.predict(x.half()), router.predict(x))
+
+
+def test_projection_is_reproducible_from_seed():
+    a = AnalyticRouter(16, 2, feature_dim=32, seed=7)
+    b = AnalyticRouter(16, 2, feature_dim=32, seed=7)
+    c = AnalyticRouter(16, 2, feature_dim=32, seed=8)
+    assert torch.equal(a.projection, b.projection)
+    assert not torch.equal(a.projection, c.projection)
+
+
+def test_statistics_round_trip_and_validation():
+    x, y = _data()
+    router = AnalyticRouter(16, 4).partial_fit(x, y)
+    state = router.statistics_state_dict()
+    fresh = AnalyticRouter(16, 4)
+    fresh.load_statistics(state)
+    fresh._dirty = True
+    assert torch.allclose(fresh.solve().weight, router.solve().weight, atol=0)
+    bad = dict(state, gram=state["gram"].float())
+    with pytest.raises(ValueError, match="does not belong to this bank"):
+        AnalyticRouter(16, 4).load_statistics(bad)
+    with pytest.raises(ValueError, match="lack `cross`"):
+        AnalyticRouter(16, 4).load_statistics({"gram": state["gram"]})
+
+
+def test_router_without_statistics_refuses_to_learn():
+    router = AnalyticRouter(16, 4)
+    router.mark_loaded_without_statistics()
+    with pytest.raises(RuntimeError, match="statistics file"):
+        router.partial_fit(torch.randn(2, 16), 1)
+
+
+def test_bad_batches_are_rejected():
+    router = AnalyticRouter(16, 3)
+    with pytest.raises(ValueError, match="router input must be"):
+        router.partial_fit(torch.randn(2, 8), 1)
+    with pytest.raises(ValueError, match="class labels must lie"):
+        router.partial_fit(torch.randn(2, 16), torch.tensor([1, 5]))
+    with pytest.raises(ValueError, match="activation"):
+        AnalyticRouter(16, 3, activation="tanh")
+
+
+def test_confidence_threshold_sends_unfamiliar_rows_to_base():
+    x, y = _data()
+    router = AnalyticRouter(16, 4, confidence_threshold=0.5).partial_fit(x, y)
+    assert (router.predict(x) == y).float().mean() > 0.95
+    far = torch.zeros(3, 16)  # the origin is no task's cluster: scores ~0
+    assert router.predict(far).tolist() == [0, 0, 0]
+
+
+def test_all_reduce_sums_only_new_statistics():
+    x, y = _data()
+    router = AnalyticRouter(16, 4).partial_fit(x[:30], y[:30])
+    before = router.snapshot()
+    router.partial_fit(x[30:], y[30:])
+    router.all_reduce_statistics(lambda t: 2 * t, before)  # as if two processes added the same batches
+    ref = AnalyticRouter(16, 4).partial_fit(x[:30], y[:30]).partial_fit(x[30:], y[30:]).partial_fit(x[30:], y[30:])
+    assert torch.allclose(router.gram, ref.gram, atol=1e-9)
+    assert torch.equal(router.class_counts, ref.class_counts)
