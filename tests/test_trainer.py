@@ -1,0 +1,139 @@
+"""ASRCallback with the HF Trainer: router fit at train end, each prompt once, resume without double counting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ALPHA_IDS, BETA_IDS, left_pad, prompts, tiny_llama
+from peft import get_peft_model
+from transformers import Trainer, TrainingArguments
+
+import peft_asr  # noqa: F401
+from peft_asr import ASRCallback, ASRConfig
+
+
+class PromptAnswerData(torch.utils.data.Dataset):
+    """Rows of prompt + answer tokens; labels mask the prompt with -100."""
+
+    def __init__(self, lo, hi, n, seed):
+        self.rows = []
+        for prompt in prompts(lo, hi, n, seed=seed):
+            answer = [lo, lo + 1, 2]
+            self.rows.append((prompt, answer))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        prompt, answer = self.rows[i]
+        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+
+
+def collate(rows):
+    """Right-padded batch; labels padded with -100."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(r["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=5e-3, num_train_epochs=1,
+                report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                weight_decay=0.1)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _model():
+    return get_peft_model(tiny_llama(), ASRConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                                  target_modules=["q_proj", "v_proj"], router_layer=2))
+
+
+DATA = {"alpha": PromptAnswerData(*ALPHA_IDS, 24, seed=1), "beta": PromptAnswerData(*BETA_IDS, 24, seed=2)}
+
+
+def _train(model, task, out, eval_dataset=None, **kw):
+    model.add_task(task)
+    trainer = Trainer(model=model, args=_args(out, **kw), train_dataset=DATA[task], data_collator=collate,
+                      eval_dataset=eval_dataset, callbacks=[ASRCallback(progress=False)])
+    trainer.train()
+    return trainer
+
+
+def test_two_tasks_with_trainer_and_callback(tmp_path):
+    model = _model()
+    _train(model, "alpha", tmp_path / "a", gradient_accumulation_steps=2, num_train_epochs=3)
+    router = model.base_model.router
+    assert router.class_counts.tolist() == [0, 24]  # three epochs, each prompt counted once
+    alpha_params = {n: p.detach().clone() for n, p in model.named_parameters() if ".alpha" in n}
+    _train(model, "beta", tmp_path / "b")
+    assert router.class_counts.tolist() == [0, 24, 24]
+    for n, p in model.named_parameters():
+        if ".alpha" in n:
+            assert torch.equal(p, alpha_params[n]), n  # weight decay 0.1 never touched the old task
+    model.eval()
+    held_a = prompts(*ALPHA_IDS, 5, seed=9)
+    held_b = prompts(*BETA_IDS, 5, seed=10)
+    assert model.route(**left_pad(held_a + held_b)) == ["alpha"] * 5 + ["beta"] * 5
+    # the router the callback built equals a router fitted by hand on the same prompts (prompt-only pooling)
+    manual = _model()
+    manual.add_task("alpha")
+    manual.add_task("beta")
+    for task in ("alpha", "beta"):
+        manual.fit_router([collate([DATA[task][i] for i in range(24)])], task=task, progress=False)
+    # features are float32 hidden states, which move by ~1e-7 with the padding width of the batch they came in
+    # (Trainer batches of 4 vs one batch of 24); the router math itself is exact (tests/test_rls.py)
+    assert (manual.base_model.router.solve().weight - router.solve().weight).abs().max() < 1e-6
+    assert model.base_model._pinned == []  # the callback unpinned the training task
+
+
+def test_evaluation_during_training_uses_the_task_being_trained(tmp_path):
+    # before the callback fits the router, a routed evaluation would fail ("not been fitted"): the callback pins
+    # the task being trained, so evaluation inside train() works and measures that task
+    model = _model()
+    trainer = _train(model, "alpha", tmp_path, eval_dataset=DATA["alpha"], eval_strategy="steps", eval_steps=2,
+                     max_steps=4, logging_strategy="steps", logging_steps=2)
+    evals = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert len(evals) == 2
+    with model.use_task("alpha"):
+        pinned = trainer.evaluate()["eval_loss"]
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(pinned, rel=1e-5)  # after training: routed to alpha
+
+
+def test_resume_from_checkpoint_neither_loses_nor_double_counts(tmp_path):
+    straight = _model()
+    _train(straight, "alpha", tmp_path / "s1")
+    _train(straight, "beta", tmp_path / "s2", max_steps=6)
+
+    # same run, but the process "dies" after step 3 of task beta and a new one resumes from the checkpoint
+    first = _model()
+    _train(first, "alpha", tmp_path / "r1")
+    first.add_task("beta")
+    args = _args(tmp_path / "r2", max_steps=6, save_strategy="steps", save_steps=3)
+    crashed = Trainer(model=first, args=args, train_dataset=DATA["beta"], data_collator=collate,
+                      callbacks=[ASRCallback(progress=False)])
+    crashed.train()  # writes checkpoint-3 with alpha in the router statistics, beta not yet
+    resumed = _model()
+    resumed.add_task("alpha")
+    resumed.add_task("beta")
+    trainer = Trainer(model=resumed, args=args, train_dataset=DATA["beta"], data_collator=collate,
+                      callbacks=[ASRCallback(progress=False)])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "r2" / "checkpoint-3"))
+    a, b = straight.base_model.router.solve(), resumed.base_model.router.solve()
+    assert a.class_counts.tolist() == b.class_counts.tolist() == [0, 24, 24]
+    assert (a.weight - b.weight).abs().max() < 1e-10
+
+
+def test_callback_without_a_task_is_an_error(tmp_path):
+    model = _model()
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=DATA["alpha"], data_collator=collate,
+                      callbacks=[ASRCallback(progress=False)])
+    with pytest.raises(RuntimeError, match="add_task"):
+        trainer.train()
