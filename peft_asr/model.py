@@ -57,6 +57,8 @@ def find_blocks(model: nn.Module, layers_pattern: Optional[str] = None) -> tuple
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) > 0 and name.rsplit(".", 1)[-1] in patterns
     ]
+    # a block may hold its own ModuleList named like a block list (T5Block.layer): keep the outermost lists only
+    found = [(n, m) for n, m in found if not any(n.startswith(other + ".") for other, _ in found)]
     if len(found) > 1:
         encoder = [(n, m) for n, m in found if "encoder" in n.split(".")]
         found = encoder or found
