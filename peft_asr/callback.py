@@ -11,6 +11,7 @@ Custom training loops call the same methods: ``model.add_task(name)``, train, ``
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Optional
 
 from transformers import TrainerCallback
@@ -38,6 +39,7 @@ class ASRCallback(TrainerCallback):
     def __init__(self, task: Optional[str] = None, progress: bool = True) -> None:
         self.task = task
         self.progress = progress
+        self.fit_seconds = 0.0  # wall time of the last router fit
         self._pin = contextlib.ExitStack()
 
     def _task(self, model) -> str:
@@ -56,4 +58,6 @@ class ASRCallback(TrainerCallback):
         self._pin.close()
         if train_dataloader is None:
             raise RuntimeError("ASRCallback needs the Trainer's train dataloader to fit the router.")
+        start = time.perf_counter()
         model.fit_router(train_dataloader, task=self._task(model), progress=self.progress and state.is_local_process_zero)
+        self.fit_seconds = time.perf_counter() - start

@@ -174,3 +174,37 @@ print(model.route(**batch))  # the task chosen for each prompt
 """
     card.text = body
     card.save(path)
+
+
+
+def _pct(value, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def write_results_to_card(bank_dir, results: dict) -> None:
+    """Append a stream run's scores (per task after the last stage, OP/BWT/FWT, routing accuracy) to a bank's card."""
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(str(bank_dir), "README.md")
+    card = ModelCard.load(path)
+    tasks = results["tasks"]
+    last = results["matrix"][-1] if results.get("matrix") else [None] * len(tasks)
+    rows = "\n".join(f"| `{t}` | {_pct(s)} |" for t, s in zip(tasks, last))
+    names = {"op": "OP (average score)", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting",
+             "routing_accuracy": "routing accuracy"}
+    summary = "\n".join(
+        f"- {names.get(k, k)}: {_pct(v, signed=k in ('bwt', 'fwt', 'forgetting'))}"
+        for k, v in results.get("summary", {}).items()
+    )
+    card.text += f"""
+## Evaluation (after the last task, greedy decoding, scores in %)
+
+| task | score |
+|---|---|
+{rows}
+
+{summary}
+"""
+    card.save(path)

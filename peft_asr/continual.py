@@ -1,0 +1,279 @@
+"""The task-stream runner: train tasks one after another, evaluate every task after every stage.
+
+``run_stream`` is what the demo, the command line and the benchmarks use. After stage ``t`` (tasks ``0..t`` trained)
+it evaluates *all* tasks of the stream with greedy decoding, so the results carry the full accuracy matrix
+``R[t][i]`` (the entries above the diagonal give forward transfer), plus, for Analytic Subspace Routing, the
+routing confusion of the seen tasks at every stage and the time spent training, fitting the router and evaluating.
+
+Methods:
+
+* ``"asr"``: this package. ``add_task`` -> ``Trainer`` + ``ASRCallback`` (router fit at the end of training);
+  evaluation is one routed ``generate`` over a mixed batch of every task's prompts.
+* ``"seqlora"``: the usual forgetting baseline: one PEFT LoRA (same rank, alpha and target modules, in every layer)
+  trained on each task in turn.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .config import BASE_ROUTE, ASRConfig
+from .data import PromptAnswerCollator, Task, prompt_batches, tokenize_examples
+from .metrics import cl_summary, get_scorer, routing_accuracy, routing_confusion
+
+__all__ = ["StreamResults", "run_stream", "generate_answers", "evaluate_tasks", "METHODS"]
+
+METHODS = ("asr", "seqlora")
+DEFAULT_TRAINING = dict(
+    per_device_train_batch_size=8, learning_rate=2e-3, num_train_epochs=1, lr_scheduler_type="constant",
+    warmup_steps=0, weight_decay=0.0, logging_strategy="no", save_strategy="no", report_to=[], seed=0,
+    use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
+)
+
+
+@dataclass
+class StreamResults:
+    """What a stream run measured. ``matrix[t][i]`` is task ``i``'s score (0-1) after training tasks ``0..t``."""
+
+    method: str
+    tasks: list[str]
+    matrix: list[list[float]] = field(default_factory=list)
+    baseline: Optional[list[float]] = None  # the base model's score per task (for forward transfer)
+    routing: list[dict] = field(default_factory=list)  # per stage: labels, confusion (true x predicted), accuracy
+    timings: list[dict] = field(default_factory=list)  # per stage: train_s, router_s, eval_s
+    trainable_params: Optional[int] = None
+    info: dict = field(default_factory=dict)
+    model: Any = field(default=None, repr=False, compare=False)  # the trained PEFT model (not serialised)
+
+    @property
+    def summary(self) -> dict:
+        """OP, BWT, FWT (with a baseline), forgetting, and the last stage's routing accuracy (ASR)."""
+        out = dict(cl_summary(self.matrix, self.baseline)) if self.matrix else {}
+        if self.routing:
+            out["routing_accuracy"] = self.routing[-1]["accuracy"]
+        return out
+
+    def to_dict(self) -> dict:
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "model"}
+        data["summary"] = self.summary
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StreamResults":
+        names = {f.name for f in dataclasses.fields(cls)} - {"model"}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "StreamResults":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 32,
+                     max_length: int = 256, use_chat_template: Optional[bool] = None, progress: bool = False) -> list[str]:
+    """Greedy answers (first line, stripped) for ``prompts``; routed per row when ``model`` is an ASR model."""
+    from tqdm.auto import tqdm
+
+    answers: list[str] = []
+    batches = prompt_batches(tokenizer, prompts, batch_size=batch_size, max_length=max_length,
+                             use_chat_template=use_chat_template)
+    total = -(-len(prompts) // batch_size)
+    for batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]  # (B, L + new) -> (B, new)
+        for text in tokenizer.batch_decode(new, skip_special_tokens=True):
+            answers.append(text.strip().split("\n")[0].strip())
+    return answers
+
+
+def evaluate_tasks(model, tokenizer, tasks: Sequence[Task], **generate_kwargs) -> list[float]:
+    """Score of every task (its own scorer) from one mixed pass over all tasks' eval prompts."""
+    prompts = [row["prompt"] for task in tasks for row in task.eval]
+    answers = generate_answers(model, tokenizer, prompts, **generate_kwargs)
+    scores, start = [], 0
+    for task in tasks:
+        stop = start + len(task.eval)
+        refs = [row["answer"] for row in task.eval]
+        sources = [row["prompt"] for row in task.eval]
+        scores.append(float(get_scorer(task.metric)(answers[start:stop], refs, sources)))
+        start = stop
+    return scores
+
+
+def _routing_stage(model, tokenizer, seen: Sequence[Task], **kwargs) -> dict:
+    true, pred = [], []
+    prompts = [row["prompt"] for task in seen for row in task.eval]
+    for task in seen:
+        true.extend([task.name] * len(task.eval))
+    for batch in prompt_batches(tokenizer, prompts, batch_size=kwargs.get("batch_size", 32),
+                                max_length=kwargs.get("max_length", 256),
+                                use_chat_template=kwargs.get("use_chat_template")):
+        pred.extend(model.route(**batch))
+    labels = [BASE_ROUTE] + [t.name for t in seen]
+    return {"labels": labels, "confusion": routing_confusion(true, pred, labels),
+            "accuracy": routing_accuracy(true, pred)}
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def _training_args(training_args, output_dir: str):
+    from transformers import TrainingArguments
+
+    if training_args is None:
+        training_args = {}
+    if isinstance(training_args, TrainingArguments):
+        return dataclasses.replace(training_args, output_dir=output_dir)
+    if not isinstance(training_args, Mapping):
+        raise TypeError(f"`training_args` must be a TrainingArguments or a dict, got {type(training_args).__name__}.")
+    return TrainingArguments(**{**DEFAULT_TRAINING, **dict(training_args), "output_dir": output_dir})
+
+
+def _load(model_or_name, tokenizer):
+    from .default_model import load_model_and_tokenizer
+
+    if model_or_name is None or isinstance(model_or_name, (str, os.PathLike)):
+        model, loaded_tokenizer = load_model_and_tokenizer(None if model_or_name is None else str(model_or_name))
+        return model, tokenizer or loaded_tokenizer
+    if tokenizer is None:
+        raise ValueError("pass `tokenizer=` together with a model object.")
+    return model_or_name, tokenizer
+
+
+def _check_tasks(tasks: Sequence[Task]) -> None:
+    if not tasks:
+        raise ValueError("`tasks` is empty; a stream needs at least one task.")
+    for task in tasks:
+        if not isinstance(task, Task):
+            raise TypeError(f"every task must be a peft_asr.data.Task, got {type(task).__name__}.")
+        if not task.train:
+            raise ValueError(f"task {task.name!r} has no training rows.")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}.")
+
+
+def run_stream(
+    model_or_name=None,
+    tasks: Sequence[Task] = (),
+    training_args=None,
+    *,
+    tokenizer=None,
+    method: str = "asr",
+    asr_config: Optional[ASRConfig] = None,
+    general_prompts: Optional[Sequence[str]] = None,
+    baseline: Optional[Sequence[float]] = None,
+    compute_baseline: bool = True,
+    max_new_tokens: int = 16,
+    eval_batch_size: int = 32,
+    max_length: int = 256,
+    use_chat_template: Optional[bool] = None,
+    output_dir: Union[str, os.PathLike] = "asr-stream",
+    progress: bool = True,
+    callbacks: Sequence = (),
+) -> StreamResults:
+    """Train ``tasks`` in order with ``method`` and evaluate every task after every stage.
+
+    Args:
+        model_or_name: a causal LM (then pass ``tokenizer``), a local model folder, or ``None`` for the embedded
+            default model (SmolLM2-135M-Instruct).
+        tasks: the stream, as :class:`~peft_asr.data.Task` objects (``demo_stream``, ``load_trace_task``...).
+        training_args: ``TrainingArguments`` or a dict of its fields (defaults: batch 8, lr 2e-3, one epoch);
+            ``output_dir`` is set per stage.
+        method: ``"asr"`` or ``"seqlora"``.
+        asr_config: the bank's settings (rank, alpha, targets, router); also gives the LoRA settings of
+            ``"seqlora"``. Defaults to ``ASRConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+            target_modules=["q_proj", "v_proj"])``.
+        general_prompts: everyday prompts fitted to the router's base route before the first task (ASR only).
+        baseline / compute_baseline: the base model's score per task, for forward transfer; computed before
+            training when not given and ``compute_baseline`` is true.
+        output_dir: where Trainer runs and (ASR) the final bank ``bank/`` are written.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, set_seed
+
+    from .callback import ASRCallback
+
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    _check_tasks(tasks)
+    model, tokenizer = _load(model_or_name, tokenizer)
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token` first.")
+    output_dir = Path(output_dir)
+    config = copy.deepcopy(asr_config) if asr_config is not None else ASRConfig(
+        task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    if config.tasks:
+        raise ValueError("`asr_config.tasks` must be empty: the runner adds the stream's tasks.")
+    gen = dict(max_new_tokens=max_new_tokens, batch_size=eval_batch_size, max_length=max_length,
+               use_chat_template=use_chat_template, progress=progress)
+    results = StreamResults(method=method, tasks=[t.name for t in tasks])
+    if baseline is None and compute_baseline:
+        model.eval()
+        baseline = evaluate_tasks(model, tokenizer, tasks, **gen)
+    results.baseline = list(baseline) if baseline is not None else None
+
+    if method == "asr":
+        model = get_peft_model(model, config)
+        if general_prompts:
+            model.fit_router(prompt_batches(tokenizer, list(general_prompts), batch_size=eval_batch_size,
+                                            max_length=max_length, use_chat_template=use_chat_template),
+                             task=None, progress=progress)
+    else:
+        targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=config.r, lora_alpha=config.lora_alpha,
+                                                 lora_dropout=config.lora_dropout, target_modules=targets))
+    collator = PromptAnswerCollator(tokenizer.pad_token_id)
+    for stage, task in enumerate(tasks):
+        args = _training_args(training_args, str(output_dir / f"{method}-{stage}-{task.name}"))
+        set_seed(args.seed)
+        train_rows = tokenize_examples(tokenizer, task.train, max_length=max_length, use_chat_template=use_chat_template)
+        stage_callbacks = list(callbacks)
+        asr_callback = None
+        if method == "asr":
+            model.add_task(task.name)
+            asr_callback = ASRCallback(progress=progress)
+            stage_callbacks.insert(0, asr_callback)
+        trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=collator,
+                          callbacks=stage_callbacks)
+        start = time.perf_counter()
+        trainer.train()
+        train_s = time.perf_counter() - start
+        router_s = asr_callback.fit_seconds if asr_callback is not None else 0.0
+        if stage == 0:
+            results.trainable_params = model.get_nb_trainable_parameters()[0]
+        model.eval()
+        start = time.perf_counter()
+        results.matrix.append(evaluate_tasks(model, tokenizer, tasks, **gen))
+        if method == "asr":
+            results.routing.append(_routing_stage(model, tokenizer, tasks[: stage + 1], batch_size=eval_batch_size,
+                                                  max_length=max_length, use_chat_template=use_chat_template))
+        eval_s = time.perf_counter() - start
+        results.timings.append({"task": task.name, "train_s": round(train_s - router_s, 2),
+                                "router_s": round(router_s, 2), "eval_s": round(eval_s, 2),
+                                "steps": trainer.state.global_step})
+    if method == "asr":
+        bank = output_dir / "bank"
+        model.save_pretrained(bank)
+        from .hub import write_results_to_card
+
+        write_results_to_card(bank, results.to_dict())
+        results.info["bank"] = str(bank)
+        results.info["bank_bytes"] = sum(f.stat().st_size for f in bank.iterdir() if f.is_file())
+    results.info["model"] = getattr(model.get_base_model(), "name_or_path", None)
+    results.model = model
+    return results

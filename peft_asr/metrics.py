@@ -1,0 +1,560 @@
+"""Evaluation metrics for continual learning: the accuracy matrix, routing, and the TRACE task scorers.
+
+Pure Python / numpy: no model, no ``peft`` or ``transformers`` import, so every number here can be checked by hand
+(``tests/test_metrics.py`` does). ``rouge_l`` imports the ``rouge_score`` package on first use.
+
+Continual-learning metrics. After training tasks ``0..t`` in order, the model is evaluated on every task; ``R[t][i]``
+is its score on task ``i`` (in [0, 1]). ``R`` is ``T x T``; entries above the diagonal (``i > t``: tasks not trained
+yet) may be NaN / None, except that FWT needs ``R[i-1][i]``. With ``b[i]`` the base model's score on task ``i``:
+
+    OP          = 1/T     * sum_{i=0}^{T-1} R[T-1][i]                                                  (1)
+    BWT         = 1/(T-1) * sum_{i=0}^{T-2} (R[T-1][i] - R[i][i])                                      (2)
+    FWT         = 1/(T-1) * sum_{i=1}^{T-1} (R[i-1][i] - b[i])                                         (3)
+    Forgetting  = 1/(T-1) * sum_{i=0}^{T-2} (max_{l in [i, T-2]} R[l][i] - R[T-1][i])                  (4)
+
+(1) is TRACE's "overall performance" (OP; Wang et al. 2023) and the "average accuracy" of Lopez-Paz & Ranzato 2017
+(GEM) and O-LoRA; (2) and (3) are GEM's BWT and FWT (TRACE reports BWT the same way); (4) is the average forgetting of
+Chaudhry et al. 2018 (RWalk). BWT < 0 means forgetting, FWT > 0 means earlier tasks helped a task before it was
+trained. With ``T = 1`` there is no earlier task: BWT and forgetting are 0.0 and FWT is None.
+
+Routing metrics. ``routing_confusion`` counts (true route, predicted route) pairs; rows are true routes, columns
+predicted ones, in the order of ``labels`` (which may include the base route ``"__base__"``).
+``routing_accuracy`` is its trace over its sum.
+
+Task scorers. Each is ``fn(predictions, references, sources=None) -> float`` in [0, 1], the mean over pairs:
+
+    exact_match      1[pred.strip() == ref.strip()]                        (C-STANCE, FOMC, NumGLUE-cm/ds)
+    first_letter     1[first non-space char of pred == that of ref]         (ScienceQA: the option letter)
+    rouge_l          F_LCS = 2 P R / (P + R), P = LCS/|pred|, R = LCS/|ref|  (MeetingBank; Lin 2004)
+    sari             (F_keep + P_del + F_add) / 3, each averaged over n = 1..4  (20Minuten; Xu et al. 2016)
+    edit_similarity  round(100 * 2 M / (|pred| + |ref|)) / 100             (Py150; fuzzywuzzy ``fuzz.ratio``)
+
+where ``M`` is the number of characters in the matching blocks that ``difflib.SequenceMatcher`` finds. As TRACE's
+``metrics.py`` does for every metric it computes itself, a pair whose prediction or reference is empty (after the
+scorer's own preprocessing) scores 0 and still counts in the mean. SARI follows HF ``evaluate``'s ``sari`` (which TRACE
+calls) and has no such rule. TRACE reports 0-100 for ROUGE-L, SARI and edit similarity; these functions return 0-1.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "average_performance",
+    "backward_transfer",
+    "forward_transfer",
+    "forgetting",
+    "cl_summary",
+    "routing_confusion",
+    "routing_accuracy",
+    "exact_match",
+    "first_letter_accuracy",
+    "rouge_l",
+    "sari",
+    "edit_similarity",
+    "SCORERS",
+    "get_scorer",
+]
+
+Scorer = Callable[..., float]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Continual-learning metrics on the accuracy matrix
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _as_matrix(scores: Any) -> np.ndarray:
+    """Validate an accuracy matrix and return it as a (T, T) float64 array (None -> NaN)."""
+    if hasattr(scores, "detach"):  # torch.Tensor: (T, T) -> numpy, without importing torch here
+        scores = scores.detach().cpu().double().numpy()
+    if isinstance(scores, np.ndarray):
+        if scores.ndim != 2:
+            raise ValueError(f"`R` must be a square T x T matrix, got an array of shape {scores.shape}.")
+        rows = scores.tolist()
+    elif isinstance(scores, Sequence) and not isinstance(scores, str):
+        rows = list(scores)
+    else:
+        raise ValueError(f"`R` must be a square T x T matrix (list of rows or array), got {type(scores).__name__}.")
+    t = len(rows)
+    if t == 0:
+        raise ValueError("`R` must hold at least one task, got an empty matrix.")
+    for k, row in enumerate(rows):
+        if isinstance(row, str) or not isinstance(row, (Sequence, np.ndarray)) or len(row) != t:
+            got = len(row) if isinstance(row, (Sequence, np.ndarray)) else type(row).__name__
+            raise ValueError(
+                f"`R` must be a square T x T matrix (T = {t} rows), but row {k} has {got} entries. Fill the tasks "
+                "not trained yet (above the diagonal) with NaN or None instead of leaving the row short."
+            )
+    out = np.full((t, t), np.nan, dtype=np.float64)
+    for k, row in enumerate(rows):
+        for i, value in enumerate(row):
+            if value is None:
+                continue
+            try:
+                out[k, i] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"`R[{k}][{i}]` must be a number in [0, 1] or None, got {value!r}.") from None
+    for k in range(t):
+        for i in range(t):
+            v = float(out[k, i])
+            if i <= k and not math.isfinite(v):
+                raise ValueError(
+                    f"`R[{k}][{i}]` must be a score in [0, 1] (task {i} was trained by row {k}), got {v!r}. Only "
+                    "entries above the diagonal (tasks not trained yet) may be NaN or None."
+                )
+            if not math.isnan(v) and not 0.0 <= v <= 1.0:
+                hint = " Scores must be fractions: divide 0-100 scores by 100." if 1.0 < v <= 100.0 else ""
+                raise ValueError(f"`R[{k}][{i}]` must be in [0, 1], got {v!r}.{hint}")
+    return out
+
+
+def average_performance(R: Any) -> float:
+    """Overall performance (OP), eq. (1): the mean score over all ``T`` tasks after training the last one.
+
+    Args:
+        R (`Sequence[Sequence[float | None]]` or `np.ndarray` or `torch.Tensor`):
+            The ``T x T`` accuracy matrix, ``R[t][i]`` = score on task ``i`` after training tasks ``0..t``.
+
+    Returns:
+        `float`: ``mean_i R[T-1][i]``, in [0, 1].
+    """
+    r = _as_matrix(R)
+    return float(r[-1].mean())
+
+
+def backward_transfer(R: Any) -> float:
+    """Backward transfer (BWT), eq. (2): how training later tasks changed the score on earlier ones.
+
+    Negative values mean forgetting. Lopez-Paz & Ranzato 2017 (GEM); TRACE reports the same quantity.
+
+    Args:
+        R (`Sequence[Sequence[float | None]]` or `np.ndarray` or `torch.Tensor`):
+            The ``T x T`` accuracy matrix (see :func:`average_performance`).
+
+    Returns:
+        `float`: in [-1, 1]; 0.0 when ``T = 1`` (no earlier task).
+    """
+    r = _as_matrix(R)
+    t = r.shape[0]
+    if t == 1:
+        return 0.0
+    # last row minus the diagonal, over the T-1 tasks that had a later task trained after them
+    return float(np.mean(r[-1, :-1] - np.diag(r)[:-1]))
+
+
+def forward_transfer(R: Any, baseline: Sequence[float | None]) -> float | None:
+    """Forward transfer (FWT), eq. (3): the score on task ``i`` just before training it, minus the base model's.
+
+    Lopez-Paz & Ranzato 2017 (GEM). Needs the entries just above the diagonal, ``R[i-1][i]``: evaluate each task once
+    before training on it.
+
+    Args:
+        R (`Sequence[Sequence[float | None]]` or `np.ndarray` or `torch.Tensor`):
+            The ``T x T`` accuracy matrix (see :func:`average_performance`).
+        baseline (`Sequence[float | None]`):
+            The base model's score on each of the ``T`` tasks (GEM's ``b_i``: a model that has trained on nothing).
+            ``baseline[0]`` is not used and may be None.
+
+    Returns:
+        `float | None`: in [-1, 1]; None when ``T = 1`` (no task was seen after an earlier one).
+    """
+    r = _as_matrix(R)
+    t = r.shape[0]
+    if isinstance(baseline, str) or not isinstance(baseline, (Sequence, np.ndarray)) or len(baseline) != t:
+        got = len(baseline) if isinstance(baseline, (Sequence, np.ndarray)) else type(baseline).__name__
+        raise ValueError(f"`baseline` must hold one base-model score per task ({t}), got {got}.")
+    if t == 1:
+        return None
+    diffs = []
+    for i in range(1, t):
+        b = baseline[i]
+        if b is None or isinstance(b, bool) or not isinstance(b, (int, float, np.number)) or not 0.0 <= b <= 1.0:
+            raise ValueError(f"`baseline[{i}]` must be a score in [0, 1], got {b!r}.")
+        if math.isnan(r[i - 1, i]):
+            raise ValueError(
+                f"FWT needs `R[{i - 1}][{i}]` (the score on task {i} before training it), got NaN/None. Evaluate "
+                f"task {i} after training task {i - 1}, or call `cl_summary(R)` without a baseline."
+            )
+        diffs.append(r[i - 1, i] - float(b))
+    return float(np.mean(diffs))
+
+
+def forgetting(R: Any) -> float:
+    """Average forgetting, eq. (4) (Chaudhry et al. 2018): best score a task ever had minus its final score.
+
+    Args:
+        R (`Sequence[Sequence[float | None]]` or `np.ndarray` or `torch.Tensor`):
+            The ``T x T`` accuracy matrix (see :func:`average_performance`).
+
+    Returns:
+        `float`: in [-1, 1]; positive means forgetting, negative means final scores above every earlier one (the max
+        runs over ``l <= T-2`` only); 0.0 when ``T = 1``.
+    """
+    r = _as_matrix(R)
+    t = r.shape[0]
+    if t == 1:
+        return 0.0
+    # for task i, the max runs over the rows l = i..T-2 (after it was trained, before the last task)
+    per_task = [r[i : t - 1, i].max() - r[t - 1, i] for i in range(t - 1)]
+    return float(np.mean(per_task))
+
+
+def cl_summary(R: Any, baseline: Sequence[float | None] | None = None) -> dict[str, float | None]:
+    """All continual-learning metrics of eq. (1)-(4) in one dict.
+
+    Args:
+        R (`Sequence[Sequence[float | None]]` or `np.ndarray` or `torch.Tensor`):
+            The ``T x T`` accuracy matrix (see :func:`average_performance`).
+        baseline (`Sequence[float | None]`, *optional*, defaults to `None`):
+            The base model's score per task; without it ``fwt`` is None.
+
+    Returns:
+        `dict[str, float | None]`: keys ``op``, ``bwt``, ``fwt``, ``forgetting``.
+    """
+    return {
+        "op": average_performance(R),
+        "bwt": backward_transfer(R),
+        "fwt": None if baseline is None else forward_transfer(R, baseline),
+        "forgetting": forgetting(R),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routing metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_same_length(a_name: str, a: Sequence, b_name: str, b: Sequence) -> None:
+    for name, seq in ((a_name, a), (b_name, b)):
+        if isinstance(seq, str) or not isinstance(seq, Sequence):
+            raise ValueError(f"`{name}` must be a list, got {type(seq).__name__}.")
+    if len(a) != len(b):
+        raise ValueError(f"`{a_name}` has {len(a)} items but `{b_name}` has {len(b)}; they must be aligned.")
+    if len(a) == 0:
+        raise ValueError(f"`{a_name}` and `{b_name}` are empty; a metric needs at least one item.")
+
+
+def routing_confusion(true: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> list[list[int]]:
+    """Confusion matrix of routes: ``C[a][b]`` = number of rows of task ``labels[a]`` routed to ``labels[b]``.
+
+    Args:
+        true (`Sequence[str]`): The task each row belongs to.
+        pred (`Sequence[str]`): The route the router chose for each row.
+        labels (`Sequence[str]`):
+            Row / column order; every value of ``true`` and ``pred`` must be in it. May include the base route
+            ``"__base__"``.
+
+    Returns:
+        `list[list[int]]`: ``len(labels) x len(labels)``, rows true, columns predicted.
+    """
+    _check_same_length("true", true, "pred", pred)
+    if isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) == 0:
+        raise ValueError(f"`labels` must be a non-empty list of route names, got {labels!r}.")
+    index = {}
+    for k, label in enumerate(labels):
+        if label in index:
+            raise ValueError(f"`labels` must be unique, but {label!r} appears twice: {list(labels)!r}.")
+        index[label] = k
+    matrix = [[0] * len(labels) for _ in labels]
+    for name, seq in (("true", true), ("pred", pred)):
+        unknown = sorted({str(x) for x in seq if x not in index})
+        if unknown:
+            raise ValueError(
+                f"`{name}` holds routes that are not in `labels`: {unknown}. Add them to `labels` "
+                f"(labels: {list(labels)!r})."
+            )
+    for a, b in zip(true, pred):
+        matrix[index[a]][index[b]] += 1
+    return matrix
+
+
+def routing_accuracy(true: Sequence[str], pred: Sequence[str]) -> float:
+    """Fraction of rows routed to their own task.
+
+    Args:
+        true (`Sequence[str]`): The task each row belongs to.
+        pred (`Sequence[str]`): The route the router chose for each row.
+
+    Returns:
+        `float`: in [0, 1].
+    """
+    _check_same_length("true", true, "pred", pred)
+    return sum(a == b for a, b in zip(true, pred)) / len(true)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Task scorers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_texts(predictions: Sequence[str], references: Sequence[Any]) -> None:
+    _check_same_length("predictions", predictions, "references", references)
+    for k, p in enumerate(predictions):
+        if not isinstance(p, str):
+            raise TypeError(f"`predictions[{k}]` must be a str, got {type(p).__name__}: {p!r}.")
+
+
+def _check_str_refs(references: Sequence[Any]) -> None:
+    for k, r in enumerate(references):
+        if not isinstance(r, str):
+            raise TypeError(
+                f"`references[{k}]` must be a str, got {type(r).__name__}: {r!r}. Only `sari` takes several "
+                "references per row."
+            )
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] | None = None) -> float:
+    """Accuracy of exact string matches after stripping surrounding whitespace (TRACE's ``caculate_accuracy``).
+
+    Used for C-STANCE, FOMC (answer letter) and NumGLUE-cm/ds (number string). An empty prediction or reference
+    scores 0, as in TRACE.
+
+    Args:
+        predictions (`Sequence[str]`): Generated answers.
+        references (`Sequence[str]`): Gold answers, aligned with ``predictions``.
+        sources (`Sequence[str]`, *optional*): Ignored (scorer signature).
+
+    Returns:
+        `float`: in [0, 1].
+    """
+    _check_texts(predictions, references)
+    _check_str_refs(references)
+    hits = 0
+    for p, r in zip(predictions, references):
+        p, r = p.strip(), r.strip()
+        hits += bool(p) and bool(r) and p == r
+    return hits / len(predictions)
+
+
+def first_letter_accuracy(
+    predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] | None = None
+) -> float:
+    """Accuracy on the first non-space character (ScienceQA: the option letter before the explanation).
+
+    Args:
+        predictions (`Sequence[str]`): Generated answers.
+        references (`Sequence[str]`): Gold answers (``"<letter>\\n<explanation>"``), aligned with ``predictions``.
+        sources (`Sequence[str]`, *optional*): Ignored (scorer signature).
+
+    Returns:
+        `float`: in [0, 1]; a pair with no non-space character on either side scores 0.
+    """
+    _check_texts(predictions, references)
+    _check_str_refs(references)
+    hits = 0
+    for p, r in zip(predictions, references):
+        p, r = p.lstrip(), r.lstrip()
+        hits += bool(p) and bool(r) and p[0] == r[0]
+    return hits / len(predictions)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] | None = None) -> float:
+    """Mean ROUGE-L F-measure (Lin 2004) from the ``rouge_score`` package, no stemming (MeetingBank).
+
+    ``rouge_score``'s tokenizer lowercases and keeps only ``[a-z0-9]`` runs, so text in other scripts (Chinese,
+    German umlauts) loses those characters: use this scorer for English. TRACE itself calls the ``rouge`` package,
+    whose F differs slightly (see ``docs/metrics.md``).
+
+    Args:
+        predictions (`Sequence[str]`): Generated summaries.
+        references (`Sequence[str]`): Gold summaries, aligned with ``predictions``.
+        sources (`Sequence[str]`, *optional*): Ignored (scorer signature).
+
+    Returns:
+        `float`: in [0, 1]; an empty prediction or reference scores 0.
+    """
+    _check_texts(predictions, references)
+    _check_str_refs(references)
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as err:  # optional dependency: only this scorer needs it
+        raise ImportError("`rouge_l` needs the `rouge_score` package: `pip install rouge-score`.") from err
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    total = 0.0
+    for p, r in zip(predictions, references):
+        if not p.strip() or not r.strip():
+            continue  # TRACE skips empty pairs but divides by the full count
+        total += scorer.score(r, p)["rougeL"].fmeasure  # score(target, prediction)
+    return total / len(predictions)
+
+
+# --- SARI (Xu et al. 2016), the tensor2tensor / HF `evaluate` variant ---------------------------------------------
+
+# sacreBLEU's "13a" tokenizer (mteval-v13a), which HF's `sari` applies after lowercasing. Rules in order: split off
+# punctuation except . and ,; then . and , unless between digits; then a dash after a digit.
+_13A_RULES = [
+    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),
+    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),
+    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),
+    (re.compile(r"([0-9])(-)"), r"\1 \2 "),
+]
+
+
+def _sari_normalize(text: str) -> str:
+    """Lowercase + sacreBLEU 13a tokenization, as HF ``evaluate``'s ``sari.normalize`` (defaults)."""
+    line = text.lower()
+    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    if "&" in line:
+        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    line = f" {line} "
+    for pattern, repl in _13A_RULES:
+        line = pattern.sub(repl, line)
+    return " ".join(line.split())
+
+
+def _ngrams(tokens: list[str], n: int) -> list[str]:
+    return [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def _f1(precision: float, recall: float) -> float:
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def _sari_ngram(src: list[str], pred: list[str], refs: list[list[str]]) -> tuple[float, float, float]:
+    """(F_keep, P_del, F_add) for one n-gram order. Empty denominators give 1 (0/0 = 1, tensor2tensor's choice)."""
+    num_refs = len(refs)
+    ref_counts = Counter(g for ref in refs for g in ref)
+    # source and prediction counts are scaled by the number of references so that they compare with ref_counts,
+    # which sums over all references
+    src_counts = Counter({g: c * num_refs for g, c in Counter(src).items()})
+    pred_counts = Counter({g: c * num_refs for g, c in Counter(pred).items()})
+
+    # KEEP: n-grams of the source that the prediction kept; good if the references keep them too
+    kept = src_counts & pred_counts
+    kept_good = kept & ref_counts
+    kept_all = src_counts & ref_counts  # what the references keep
+    keep_p = sum(kept_good[g] / kept[g] for g in kept_good) / len(kept) if kept else 1.0
+    # recall with tensor2tensor's fix of cocoxu/simplification#6: counts, not per-n-gram ratios
+    keep_r = sum(kept_good.values()) / sum(kept_all.values()) if kept_all else 1.0
+
+    # DELETE: n-grams of the source that the prediction dropped; good if the references drop them too (precision only)
+    deleted = src_counts - pred_counts
+    deleted_good = deleted - ref_counts
+    del_p = sum(deleted_good[g] / deleted[g] for g in deleted_good) / len(deleted) if deleted else 1.0
+
+    # ADD: new n-grams (sets, not counts); good if some reference has them
+    added = set(pred_counts) - set(src_counts)
+    added_good = added & set(ref_counts)
+    added_all = set(ref_counts) - set(src_counts)
+    add_p = len(added_good) / len(added) if added else 1.0
+    add_r = len(added_good) / len(added_all) if added_all else 1.0
+    return _f1(keep_p, keep_r), del_p, _f1(add_p, add_r)
+
+
+def _sari_sentence(source: str, prediction: str, references: list[str]) -> float:
+    # split(" ") (not split()) as tensor2tensor: an empty text is one empty token
+    src, pred = source.split(" "), prediction.split(" ")
+    refs = [r.split(" ") for r in references]
+    keep = dele = add = 0.0
+    for n in (1, 2, 3, 4):
+        k, d, a = _sari_ngram(_ngrams(src, n), _ngrams(pred, n), [_ngrams(r, n) for r in refs])
+        keep, dele, add = keep + k, dele + d, add + a
+    return (keep / 4 + dele / 4 + add / 4) / 3
+
+
+def sari(
+    predictions: Sequence[str],
+    references: Sequence[str] | Sequence[Sequence[str]],
+    sources: Sequence[str] | None = None,
+) -> float:
+    """Mean sentence SARI (Xu et al. 2016) as HF ``evaluate``'s ``sari`` and tensor2tensor compute it (20Minuten).
+
+    SARI = (F_keep + P_del + F_add) / 3, each averaged over n-grams n = 1..4; the delete term uses precision only.
+    Texts are lowercased and tokenized with sacreBLEU's 13a rules first. Returns HF's number divided by 100.
+
+    Args:
+        predictions (`Sequence[str]`): Simplified texts from the model.
+        references (`Sequence[str]` or `Sequence[Sequence[str]]`):
+            Gold simplification(s) per source: one string, or a non-empty list of strings.
+        sources (`Sequence[str]`): The texts that were simplified. Required.
+
+    Returns:
+        `float`: in [0, 1].
+    """
+    if sources is None:
+        raise ValueError("`sari` needs `sources` (the texts that were simplified): SARI compares against the input.")
+    _check_texts(predictions, references)
+    _check_same_length("sources", sources, "predictions", predictions)
+    total = 0.0
+    for k, (src, pred, refs) in enumerate(zip(sources, predictions, references)):
+        if not isinstance(src, str):
+            raise TypeError(f"`sources[{k}]` must be a str, got {type(src).__name__}: {src!r}.")
+        if isinstance(refs, str):
+            refs = [refs]
+        if isinstance(refs, str) or not isinstance(refs, Sequence) or len(refs) == 0:
+            raise ValueError(f"`references[{k}]` must be a str or a non-empty list of str, got {refs!r}.")
+        if not all(isinstance(r, str) for r in refs):
+            raise TypeError(f"`references[{k}]` must hold only str, got {refs!r}.")
+        total += _sari_sentence(_sari_normalize(src), _sari_normalize(pred), [_sari_normalize(r) for r in refs])
+    return total / len(predictions)
+
+
+# --- edit similarity (TRACE Py150) -------------------------------------------------------------------------------
+
+_LITERAL = re.compile(r"<(STR|NUM|CHAR)_LIT:(.*?)>", re.S)
+
+
+def _py150_postprocess(code: str) -> str:
+    """TRACE ``eval_Py150.postprocess``: bare literal placeholders -> ``0`` / empty, ``<STR_LIT:x>`` -> ``x``."""
+    code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+    return _LITERAL.sub(lambda m: m.group(2), code)
+
+
+def edit_similarity(
+    predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] | None = None
+) -> float:
+    """Mean fuzzywuzzy ``fuzz.ratio`` / 100 after TRACE's Py150 literal post-processing, implemented with difflib.
+
+    Per pair: ``round(100 * SequenceMatcher(None, pred, ref).ratio())`` (Python's round, half to even, as
+    fuzzywuzzy's ``intr``); ``ratio() = 2 M / (len(pred) + len(ref))``. This is fuzzywuzzy's pure-Python path;
+    with ``python-Levenshtein`` installed fuzzywuzzy uses a Levenshtein ratio instead, which can differ by a few points.
+
+    Args:
+        predictions (`Sequence[str]`): Generated code lines.
+        references (`Sequence[str]`): Gold next lines, aligned with ``predictions``.
+        sources (`Sequence[str]`, *optional*): Ignored (scorer signature).
+
+    Returns:
+        `float`: in [0, 1]; a pair that is empty on either side after post-processing scores 0, as in TRACE.
+    """
+    _check_texts(predictions, references)
+    _check_str_refs(references)
+    total = 0
+    for p, r in zip(predictions, references):
+        p, r = _py150_postprocess(p), _py150_postprocess(r)
+        if not p or not r:
+            continue  # TRACE skips empty pairs but divides by the full count
+        total += int(round(100 * difflib.SequenceMatcher(None, p, r).ratio()))
+    return total / len(predictions) / 100
+
+
+SCORERS: dict[str, Scorer] = {
+    "exact_match": exact_match,
+    "first_letter": first_letter_accuracy,
+    "rouge_l": rouge_l,
+    "sari": sari,
+    "edit_similarity": edit_similarity,
+}
+
+
+def get_scorer(name: str) -> Scorer:
+    """Look up a task scorer by name.
+
+    Args:
+        name (`str`): One of ``SCORERS``: ``exact_match``, ``first_letter``, ``rouge_l``, ``sari``,
+            ``edit_similarity``.
+
+    Returns:
+        `Callable`: ``fn(predictions, references, sources=None) -> float``.
+    """
+    if name not in SCORERS:
+        raise ValueError(f"Unknown scorer {name!r}; choose one of {sorted(SCORERS)}.")
+    return SCORERS[name]
