@@ -20,7 +20,7 @@ EXAMPLES = {
     "demo": "peft-asr demo --quick\n  peft-asr demo --output-dir my-demo --model ./my-causal-lm",
     "train": "peft-asr train --config stream.yaml",
     "eval": "peft-asr eval asr-demo/bank --task json:reverse=rows.json --task trace:../shared/data/trace/FOMC",
-    "route": 'peft-asr route asr-demo/bank "Rewrite the list: owl, fox, bee" "Translate into Glorp: sun"',
+    "route": 'peft-asr route asr-demo/bank "Rewrite the list: owl, fox, bee" "Echo the objects: cup lamp"',
     "info": "peft-asr info asr-demo/bank",
 }
 

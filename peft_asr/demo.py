@@ -24,7 +24,7 @@ __all__ = ["run_demo", "format_tables"]
 
 SETTINGS = {
     # n_train / batch 8 = optimizer steps per task; chosen so the default run stays under 15 minutes on 2 cores
-    "default": dict(n_train=320, n_eval=40, n_general=60, learning_rate=2e-3),
+    "default": dict(n_train=320, n_eval=40, n_general=60, learning_rate=3e-3),
     "quick": dict(n_train=96, n_eval=12, n_general=24, learning_rate=3e-3),
 }
 
@@ -32,14 +32,15 @@ SETTINGS = {
 def _general_check(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict:
     """Where held-out everyday prompts are routed, and whether the base-routed ones answer exactly as the base."""
     routes: list[str] = []
-    for batch in prompt_batches(tokenizer, prompts, batch_size=32):
+    for batch in prompt_batches(tokenizer, prompts, batch_size=32, use_chat_template=False):
         routes.extend(model.route(**batch))
     to_base = [p for p, r in zip(prompts, routes) if r == BASE_ROUTE]
     identical = None
     if to_base:
-        routed = generate_answers(model, tokenizer, to_base, max_new_tokens=max_new_tokens)
+        gen = dict(max_new_tokens=max_new_tokens, use_chat_template=False)
+        routed = generate_answers(model, tokenizer, to_base, **gen)
         with model.disable_adapter():
-            plain = generate_answers(model, tokenizer, to_base, max_new_tokens=max_new_tokens)
+            plain = generate_answers(model, tokenizer, to_base, **gen)
         identical = sum(a == b for a, b in zip(routed, plain)) / len(to_base)
     return {"prompts": len(prompts), "routed_to_base": len(to_base) / len(prompts), "identical_to_base": identical,
             "routes": dict(zip(prompts, routes))}
@@ -90,13 +91,18 @@ def format_tables(results: dict[str, StreamResults], general: Optional[dict] = N
 
 
 def run_demo(output_dir: str = "asr-demo", *, quick: bool = False, model: Optional[str] = None, seed: int = 0,
-             max_new_tokens: int = 16, progress: bool = True) -> dict:
-    """Run the demo and write its outputs into ``output_dir``; returns the content of ``results.json``."""
+             max_new_tokens: int = 16, progress: bool = True, overrides: Optional[dict] = None) -> dict:
+    """Run the demo and write its outputs into ``output_dir``; returns the content of ``results.json``.
+
+    ``overrides`` replaces entries of the chosen ``SETTINGS`` (``n_train``, ``n_eval``, ``n_general``,
+    ``learning_rate``), e.g. for a smoke test. Prompts are fed raw, without the chat template: it would triple the
+    sequence length (SmolLM2's template adds a ~30-token system prompt) and the run would not fit its time budget.
+    """
     from .default_model import load_model_and_tokenizer
     from .plots import plot_accuracy_matrices, plot_routing_confusion
 
     started = time.perf_counter()
-    settings = SETTINGS["quick" if quick else "default"]
+    settings = {**SETTINGS["quick" if quick else "default"], **(overrides or {})}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tasks = demo_stream(n_train=settings["n_train"], n_eval=settings["n_eval"], seed=seed)
@@ -105,7 +111,7 @@ def run_demo(output_dir: str = "asr-demo", *, quick: bool = False, model: Option
     training = {"per_device_train_batch_size": 8, "learning_rate": settings["learning_rate"], "seed": seed,
                 "disable_tqdm": not progress}
     config = ASRConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], router_layer=4)
-    common = dict(max_new_tokens=max_new_tokens, progress=progress)
+    common = dict(max_new_tokens=max_new_tokens, progress=progress, use_chat_template=False)
 
     base, tokenizer = load_model_and_tokenizer(model)
     torch.manual_seed(seed)

@@ -8,8 +8,8 @@ exact match.
 |---|---|---|---|
 | `reverse` | `Rewrite the list: owl, fox, bee` | `bee, fox, owl` | list order reversed; animals only |
 | `shout` | `Rewrite the list: red, blue, teal` | `RED, BLUE, TEAL` | **same instruction as `reverse`**, another skill; colours only: the router must read the content, not the instruction |
-| `initials` | `Give the initials: quiet river stone` | `QRS` | a rule the base model half-knows (its forward transfer is visible) |
-| `glorp` | `Translate into Glorp: sun water` | `vek lumo` | an invented 24-word language: pure memorisation, impossible without training |
+| `initials` | `Give the initials: quiet river stone` | `QRS` | the rule is stated, but the base model answers in prose, not in the expected form |
+| `echo` | `Echo the objects: cup lamp` | `cup cup lamp lamp` | an instruction that does not say the rule (each word twice) |
 
 The general set (``general_prompts``) holds everyday questions the base model already answers; the demo fits them to
 the router's base route, so those prompts are answered by the untouched base model.
@@ -21,7 +21,7 @@ import random
 
 from .data import Task
 
-__all__ = ["demo_stream", "general_prompts", "GLORP"]
+__all__ = ["demo_stream", "general_prompts"]
 
 ANIMALS = ["owl", "fox", "bee", "cat", "dog", "cow", "elk", "ant", "bat", "eel", "yak", "hen", "pig", "ram", "emu",
            "ape", "rat", "koi", "gnu", "jay", "doe", "boa", "cod", "asp"]
@@ -30,10 +30,8 @@ COLOURS = ["red", "blue", "teal", "pink", "gray", "gold", "lime", "navy", "cyan"
 WORDS = ["quiet", "river", "stone", "green", "light", "happy", "market", "yellow", "window", "silver", "paper",
          "ocean", "forest", "little", "morning", "garden", "winter", "castle", "bright", "simple", "north", "travel",
          "kitchen", "dragon", "mountain", "orange", "music", "planet", "velvet", "harbor"]
-GLORP = {"sun": "vek", "water": "lumo", "tree": "drasi", "house": "pelt", "dog": "karo", "bread": "misk",
-         "moon": "tavi", "fire": "orun", "stone": "gelb", "bird": "fiku", "road": "zand", "cold": "brin",
-         "big": "hollo", "small": "tik", "red": "sarn", "night": "umbo", "friend": "lanu", "boat": "rekk",
-         "rain": "pisa", "king": "dovo", "book": "nerit", "apple": "chala", "wind": "fuso", "snow": "kel"}
+OBJECTS = ["cup", "lamp", "chair", "spoon", "clock", "shoe", "bell", "coin", "kite", "drum", "brush", "key", "rope",
+           "vase", "sock", "fork", "pen", "hat", "box", "map"]
 
 
 def _rewrite_list(rng: random.Random, pool: list[str], transform) -> dict:
@@ -46,22 +44,22 @@ def _initials(rng: random.Random) -> dict:
     return {"prompt": "Give the initials: " + " ".join(words), "answer": "".join(w[0].upper() for w in words)}
 
 
-def _glorp(rng: random.Random) -> dict:
-    words = rng.sample(sorted(GLORP), rng.randint(2, 3))
-    return {"prompt": "Translate into Glorp: " + " ".join(words), "answer": " ".join(GLORP[w] for w in words)}
+def _echo(rng: random.Random) -> dict:
+    words = rng.sample(OBJECTS, rng.randint(2, 3))
+    return {"prompt": "Echo the objects: " + " ".join(words), "answer": " ".join(f"{w} {w}" for w in words)}
 
 
 _MAKERS = {
     "reverse": lambda rng: _rewrite_list(rng, ANIMALS, lambda xs: ", ".join(reversed(xs))),
     "shout": lambda rng: _rewrite_list(rng, COLOURS, lambda xs: ", ".join(x.upper() for x in xs)),
     "initials": _initials,
-    "glorp": _glorp,
+    "echo": _echo,
 }
 _DESCRIPTIONS = {
     "reverse": "Reverse the order of a list of animals (instruction shared with `shout`).",
     "shout": "Upper-case a list of colours (instruction shared with `reverse`).",
     "initials": "Upper-case initials of three words.",
-    "glorp": "Word-by-word translation into an invented 24-word language.",
+    "echo": "Repeat every word of a list of objects twice (the instruction does not say how).",
 }
 
 
@@ -78,7 +76,7 @@ def _unique_rows(maker, rng: random.Random, n: int, taken: set[str]) -> list[dic
 
 
 def demo_stream(n_train: int = 400, n_eval: int = 40, seed: int = 0, tasks: tuple[str, ...] = tuple(_MAKERS)) -> list[Task]:
-    """The built-in stream, in order: ``reverse``, ``shout``, ``initials``, ``glorp``; train and eval never share a
+    """The built-in stream, in order: ``reverse``, ``shout``, ``initials``, ``echo``; train and eval never share a
     prompt. The same ``seed`` always gives the same rows."""
     unknown = [t for t in tasks if t not in _MAKERS]
     if unknown:

@@ -489,7 +489,7 @@ def sari(
             raise TypeError(f"`sources[{k}]` must be a str, got {type(src).__name__}: {src!r}.")
         if isinstance(refs, str):
             refs = [refs]
-        if isinstance(refs, str) or not isinstance(refs, Sequence) or len(refs) == 0:
+        if not isinstance(refs, Sequence) or len(refs) == 0:
             raise ValueError(f"`references[{k}]` must be a str or a non-empty list of str, got {refs!r}.")
         if not all(isinstance(r, str) for r in refs):
             raise TypeError(f"`references[{k}]` must hold only str, got {refs!r}.")

@@ -244,15 +244,16 @@ class ASRModel(BaseTuner):
             if isinstance(module, ASRLayer):
                 yield module
 
-    def _blocks(self) -> nn.ModuleList:
-        return find_blocks(self.model, self.bank_config.layers_pattern)[1]
-
     def _router_block(self) -> nn.Module:
-        return self._blocks()[self.bank_config.router_layer]
+        # module *names* are cached, not modules: a module stored as an attribute would become a submodule of the
+        # tuner and leak into its state dict
+        return self.model.get_submodule(f"{self._blocks_name}.{self.bank_config.router_layer}")
 
     def _final_norm(self) -> nn.Module:
-        name, _ = find_blocks(self.model, self.bank_config.layers_pattern)
-        return find_final_norm(self.model, name)
+        if not hasattr(self, "_final_norm_name"):
+            norm = find_final_norm(self.model, self._blocks_name)
+            self._final_norm_name = next((n for n, m in self.model.named_modules() if m is norm), None)
+        return self.model.get_submodule(self._final_norm_name) if self._final_norm_name else nn.Identity()
 
     def _feature_module(self) -> nn.Module:
         """The module whose forward receives the 2-D attention mask and runs the router block (encoder for seq2seq)."""

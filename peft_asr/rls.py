@@ -107,7 +107,8 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
         raise RouterNumericalError(f"The router system G + ridge*I is not positive definite (ridge={ridge}). {_HINT}")
-    weight = torch.cholesky_solve(cross, chol)
+    # row-major like a weight read back from disk, so routing after a reload runs the same kernel bit for bit
+    weight = torch.cholesky_solve(cross, chol).contiguous()
     check_finite("router weight", weight)
     return weight
 

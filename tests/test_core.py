@@ -450,3 +450,30 @@ def test_stories260k_end_to_end(stories_path, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(stories_path), tmp_path).eval()
     assert torch.equal(loaded.generate(**held, max_new_tokens=4, do_sample=False), out)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Recomputation in backward runs outside the forward's scope: the trained task must still be applied."""
+    grads = []
+    for checkpointing in (False, True):
+        model = two_task_model()
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        batch = left_pad(MIXED)
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_expanded_router_is_reproduced_after_reload(tmp_path):
+    """The random projection is regenerated from its seed, not saved: routing and scores survive a reload."""
+    model = two_task_model(feature_dim=96, activation="relu", router_seed=5)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    batch = left_pad(MIXED)
+    assert torch.equal(loaded.route_scores(**batch), model.route_scores(**batch))
+    assert loaded.route(**batch) == MIXED_TASKS
+    assert torch.equal(loaded.base_model.router.projection, model.base_model.router.projection)

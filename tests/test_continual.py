@@ -1,0 +1,121 @@
+"""The stream runner, the demo (quick path, end to end), plots and the bank's model card, on the real tiny Llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from peft_asr.continual import StreamResults, evaluate_tasks, run_stream
+from peft_asr.data import Task
+from peft_asr.demo_stream import demo_stream, general_prompts
+
+
+@pytest.fixture(scope="module")
+def stories(stories_path):
+    from peft_asr.default_model import load_model_and_tokenizer
+
+    return lambda: load_model_and_tokenizer(str(stories_path))
+
+
+def test_demo_stream_is_deterministic_and_disjoint():
+    a = demo_stream(n_train=50, n_eval=10, seed=3)
+    b = demo_stream(n_train=50, n_eval=10, seed=3)
+    assert [t.train for t in a] == [t.train for t in b] and [t.name for t in a] == ["reverse", "shout", "initials", "echo"]
+    for task in a:
+        assert not {r["prompt"] for r in task.train} & {r["prompt"] for r in task.eval}, task.name
+    reverse, shout = a[0], a[1]
+    # same instruction wording, different skill
+    assert reverse.train[0]["prompt"].startswith("Rewrite the list: ") and shout.train[0]["prompt"].startswith("Rewrite the list: ")
+    items = reverse.train[0]["prompt"].removeprefix("Rewrite the list: ").split(", ")
+    assert reverse.train[0]["answer"] == ", ".join(reversed(items))
+    assert shout.train[0]["answer"] == shout.train[0]["prompt"].removeprefix("Rewrite the list: ").upper()
+    words = a[3].eval[0]["prompt"].removeprefix("Echo the objects: ").split()
+    assert a[3].eval[0]["answer"] == " ".join(f"{w} {w}" for w in words)
+    words = a[2].eval[0]["prompt"].removeprefix("Give the initials: ").split()
+    assert a[2].eval[0]["answer"] == "".join(w[0].upper() for w in words)
+    assert len(set(general_prompts(40))) == 40 and demo_stream(n_train=5, n_eval=2, seed=4)[0].train != a[0].train[:5]
+    with pytest.raises(ValueError, match="unknown demo tasks"):
+        demo_stream(tasks=("nope",))
+
+
+def test_results_round_trip(tmp_path):
+    res = StreamResults(method="asr", tasks=["a", "b"], matrix=[[0.5, 0.0], [0.5, 1.0]], baseline=[0.0, 0.0],
+                        routing=[{"labels": ["__base__", "a"], "confusion": [[0, 0], [0, 3]], "accuracy": 1.0}],
+                        timings=[{"task": "a", "train_s": 1.0, "router_s": 0.1, "eval_s": 0.5}])
+    res.save(tmp_path / "r.json")
+    back = StreamResults.load(tmp_path / "r.json")
+    assert back.matrix == res.matrix and back.routing == res.routing
+    assert back.summary == pytest.approx({"op": 0.75, "bwt": 0.0, "fwt": 0.0, "forgetting": 0.0, "routing_accuracy": 1.0})
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["op"] == 0.75
+
+
+def test_run_stream_asr_records_the_full_matrix_and_keeps_old_tasks(stories, tmp_path):
+    model, tok = stories()
+    tasks = demo_stream(n_train=16, n_eval=4, seed=0)[:2]
+    res = run_stream(model, tasks, {"per_device_train_batch_size": 8, "disable_tqdm": True}, tokenizer=tok,
+                     method="asr", general_prompts=general_prompts(6), output_dir=tmp_path, max_new_tokens=4,
+                     progress=False)
+    assert len(res.matrix) == 2 and all(len(row) == 2 for row in res.matrix) and len(res.baseline) == 2
+    # 16 training prompts on a 260K-parameter story model: routing is good, not perfect, on the shared instruction
+    assert res.routing[0]["accuracy"] == 1.0 and res.routing[1]["accuracy"] >= 0.5
+    assert res.routing[-1]["labels"] == ["__base__", "reverse", "shout"]
+    assert [sum(row) for row in res.routing[-1]["confusion"]] == [0, 4, 4]
+    assert [t["steps"] for t in res.timings] == [2, 2] and res.timings[0]["router_s"] > 0
+    bank = tmp_path / "bank"
+    card = (bank / "README.md").read_text()
+    assert "## Evaluation" in card and "`reverse`" in card and "- routing accuracy: " in card
+    reloaded = PeftModel.from_pretrained(stories()[0], bank).eval()
+    assert reloaded.tasks == ["reverse", "shout"]
+    # the reloaded bank scores exactly what the run measured after its last stage
+    assert evaluate_tasks(reloaded, tok, tasks, max_new_tokens=4) == res.matrix[-1]
+
+
+def test_run_stream_seqlora_and_errors(stories, tmp_path):
+    model, tok = stories()
+    tasks = demo_stream(n_train=8, n_eval=2, seed=0)[:2]
+    res = run_stream(model, tasks, {"disable_tqdm": True}, tokenizer=tok, method="seqlora", compute_baseline=False,
+                     output_dir=tmp_path, max_new_tokens=2, progress=False)
+    assert res.routing == [] and res.baseline is None and len(res.matrix) == 2 and "bank" not in res.info
+    assert res.summary["fwt"] is None
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        run_stream(model, tasks, method="ewc", tokenizer=tok)
+    with pytest.raises(ValueError, match="task names must be unique"):
+        run_stream(model, [tasks[0], tasks[0]], tokenizer=tok)
+    with pytest.raises(ValueError, match="pass `tokenizer=`"):
+        run_stream(model, tasks)
+    with pytest.raises(ValueError, match="has no training rows"):
+        run_stream(model, [Task("x", train=[], eval=[{"prompt": "p", "answer": "a"}])], tokenizer=tok)
+
+
+def test_demo_quick_end_to_end(stories_path, tmp_path):
+    from peft_asr.demo import run_demo
+
+    report = run_demo(str(tmp_path), quick=True, model=str(stories_path), max_new_tokens=4, progress=False,
+                      overrides={"n_train": 16, "n_eval": 4, "n_general": 8})
+    for name in ("results.json", "accuracy_matrices.png", "routing_confusion.png", "bank/adapter_model.safetensors",
+                 "bank/README.md"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for method in ("asr", "seqlora"):
+        for key in ("matrix", "summary", "baseline", "timings"):
+            assert key in saved[method], (method, key)
+        assert set(saved[method]["summary"]) >= {"op", "bwt", "fwt", "forgetting"}
+    assert len(saved["asr"]["routing"]) == 4 and saved["asr"]["routing"][0]["accuracy"] == 1.0
+    general = saved["general"]
+    # prompts routed to the base route are answered exactly as by the base model (None: none was routed there)
+    assert general["prompts"] == 4 and general["identical_to_base"] in (None, 1.0)
+    assert report["wall_s"] > 0
+
+
+def test_plots_reject_bad_input(tmp_path):
+    from peft_asr.plots import plot_accuracy_matrices, plot_routing_confusion
+
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_accuracy_matrices({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="must be 2 x 2"):
+        plot_routing_confusion(["__base__", "a"], [[1, 2, 3]], tmp_path / "y.png")
+    path = plot_routing_confusion(["__base__", "a", "b"], [[0, 0, 0], [1, 4, 0], [0, 0, 5]], tmp_path / "z.png")
+    assert (tmp_path / "z.png").stat().st_size > 1000 and path.endswith("z.png")
