@@ -10,6 +10,7 @@ register()
 
 from .callback import ASRCallback  # noqa: E402
 from .config import BASE_ROUTE, ASRConfig  # noqa: E402
+from .merge import merge_banks  # noqa: E402
 from .model import ASRModel  # noqa: E402
 from .router import AnalyticRouter  # noqa: E402
 from .rls import RouterNumericalError  # noqa: E402
@@ -20,6 +21,7 @@ __all__ = [
     "ASRConfig",
     "ASRModel",
     "ASRCallback",
+    "merge_banks",
     "AnalyticRouter",
     "BASE_ROUTE",
     "ASR_PEFT_TYPE",

@@ -3,7 +3,9 @@
 * ``on_train_begin``: pin the model to the task being trained, so evaluation during training measures that task
   (the router does not know it yet).
 * ``on_train_end``: unpin, then run one no-grad pass of the blocks below ``router_layer`` over the task's training
-  prompts (the train dataloader, each prompt once whatever the number of epochs) and fold them into the router.
+  prompts (the train dataset, read in order and sharded by process rank, each prompt exactly once whatever the number
+  of epochs or what a distributed sampler repeats) and fold them into the router; in distributed runs the statistics
+  of this pass are summed across processes, so every rank holds the same router.
 
 Custom training loops call the same methods: ``model.add_task(name)``, train, ``model.fit_router(batches, task=name)``.
 """
@@ -14,9 +16,25 @@ import contextlib
 import time
 from typing import Optional
 
+import torch
 from transformers import TrainerCallback
 
+from .data import shard_batches
+
 __all__ = ["ASRCallback"]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (float64 kept: gloo and NCCL both reduce float64)."""
+    out = tensor.clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out
 
 
 def _unwrap(model):
@@ -58,6 +76,17 @@ class ASRCallback(TrainerCallback):
         self._pin.close()
         if train_dataloader is None:
             raise RuntimeError("ASRCallback needs the Trainer's train dataloader to fit the router.")
+        rank, world = _rank_and_world()
+        dataset = getattr(train_dataloader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "__len__") and train_dataloader.collate_fn is not None:
+            # read the dataset itself, sharded by rank: each prompt once, whatever the sampler repeats or shuffles
+            batches = shard_batches(dataset, train_dataloader.collate_fn, batch_size=args.per_device_train_batch_size,
+                                    rank=rank, world_size=world)
+        elif world == 1:
+            batches = train_dataloader  # an iterable dataset: one pass over the loader
+        else:
+            raise RuntimeError("ASRCallback needs a map-style train dataset in distributed runs (to count each prompt once).")
         start = time.perf_counter()
-        model.fit_router(train_dataloader, task=self._task(model), progress=self.progress and state.is_local_process_zero)
+        model.fit_router(batches, task=self._task(model), progress=self.progress and state.is_local_process_zero,
+                         reduce_sum=_all_reduce_sum if world > 1 else None)
         self.fit_seconds = time.perf_counter() - start

@@ -83,6 +83,9 @@ class ASRConfig(PeftConfig):
             Recorded when the model is wrapped; a bank is refused on a base model of another hidden size.
         base_num_layers (`int`, *optional*):
             Recorded when the model is wrapped; a bank is refused on a base model of another depth.
+        per_task_statistics (`bool`, *optional*, defaults to `True`):
+            Keep the router's Gram matrix per task (`(T+1)*E*E*8` bytes instead of `E*E*8`) so that `remove_task`
+            takes a task out of the router exactly. Turn it off for a large `feature_dim` with many tasks.
         save_router_statistics (`bool`, *optional*, defaults to `True`):
             Also save the router's sufficient statistics (`router_statistics.safetensors`, `E*E*8` bytes) so that the
             reloaded bank can keep learning tasks exactly. Without them the bank can route but not learn.
@@ -117,6 +120,9 @@ class ASRConfig(PeftConfig):
     )
     base_hidden_size: Optional[int] = field(default=None, metadata={"help": "Recorded hidden size of the base model."})
     base_num_layers: Optional[int] = field(default=None, metadata={"help": "Recorded block count of the base model."})
+    per_task_statistics: bool = field(
+        default=True, metadata={"help": "Keep one router Gram matrix per task so remove_task is exact."}
+    )
     save_router_statistics: bool = field(
         default=True, metadata={"help": "Save the E x E router statistics so a reloaded bank can keep learning."}
     )

@@ -602,3 +602,20 @@ def prompt_batches(
         finally:
             tokenizer.padding_side = old_side
         yield {"input_ids": batch["input_ids"].long(), "attention_mask": batch["attention_mask"].long()}
+
+
+def shard_batches(
+    dataset: Any, collate_fn: Any, *, batch_size: int, rank: int = 0, world_size: int = 1
+) -> Iterator[Any]:
+    """Collated batches of the rows ``rank, rank + world_size, ...`` of ``dataset``, in order.
+
+    Across ``world_size`` processes every row is visited exactly once: unlike a distributed sampler, nothing is
+    repeated to even out the last batch. This is how the router pass of ``ASRCallback`` reads a task's prompts.
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"`rank` must be in [0, {world_size}), got {rank}.")
+    indices = list(range(rank, len(dataset), world_size))
+    for start in range(0, len(indices), batch_size):
+        yield collate_fn([dataset[i] for i in indices[start:start + batch_size]])

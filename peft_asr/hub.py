@@ -126,23 +126,28 @@ def load_bank(peft_model, original_load, model_id, adapter_name, *args, **kwargs
 
 def write_model_card(peft_model, save_directory: str) -> None:
     """Rewrite ``README.md`` (already created by PEFT) with the bank's description, keeping PEFT's metadata."""
+    tuner = peft_model.base_model
+    write_card(save_directory, tuner.bank_config, tuner.router.class_counts.tolist(),
+               os.path.exists(os.path.join(_bank_dir(save_directory, tuner._adapter), STATISTICS_FILE)))
+
+
+def write_card(save_directory: str, config: ASRConfig, counts: list[float], has_statistics: bool) -> None:
+    """Write the model card of a bank from its config and its router's class counts (merged banks use this too)."""
     from huggingface_hub import ModelCard
 
-    tuner = peft_model.base_model
-    config: ASRConfig = tuner.bank_config
     path = os.path.join(save_directory, "README.md")
-    card = ModelCard.load(path) if os.path.exists(path) else ModelCard("")
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard("---\nlibrary_name: peft\n---\n")
     data = card.data
     data.library_name = "peft"
     tags = set(data.tags or []) | {"peft", "peft-asr", "continual-learning", "lora", "analytic-subspace-routing"}
     data.tags = sorted(tags)
     if config.base_model_name_or_path and not data.base_model:
         data.base_model = config.base_model_name_or_path
-    counts = tuner.router.class_counts.tolist()
     rows = "\n".join(
         f"| {i + 1} | `{task}` | {int(counts[i + 1])} |" for i, task in enumerate(config.tasks)
     ) or "| - | (no task yet) | - |"
-    stats = "included" if os.path.exists(os.path.join(_bank_dir(save_directory, tuner._adapter), STATISTICS_FILE)) else "not included (routing only)"
+    stats = "included" if has_statistics else "not included (routing only)"
+    targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
     body = f"""
 # Analytic Subspace Routing bank
 
@@ -152,7 +157,7 @@ using [peft-asr](https://pypi.org/project/peft-asr/). A router, fitted in closed
 never forgotten.
 
 - Base model: `{config.base_model_name_or_path}`
-- Tasks: {len(config.tasks)}; LoRA rank {config.r}, alpha {config.lora_alpha}, targets {sorted(config.target_modules) if not isinstance(config.target_modules, str) else config.target_modules}
+- Tasks: {len(config.tasks)}; LoRA rank {config.r}, alpha {config.lora_alpha}, targets {targets}
 - Router: layer {config.router_layer}, feature dim {config.feature_dim or config.base_hidden_size}, activation `{config.activation}`, ridge {config.ridge}
 - Base route (general data) fitted: {"yes" if counts and counts[0] > 0 else "no"}; router statistics: {stats}
 

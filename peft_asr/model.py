@@ -108,7 +108,7 @@ class ASRModel(BaseTuner):
 
     Created by ``get_peft_model(model, ASRConfig(...))`` (after ``import peft_asr``); its public methods are reachable
     on the returned ``PeftModel``: :meth:`add_task`, :attr:`tasks`, :meth:`fit_router`, :meth:`route`,
-    :meth:`route_scores`, :meth:`use_task`.
+    :meth:`route_scores`, :meth:`use_task`, :meth:`remove_task`.
     """
 
     prefix: str = "asr_"
@@ -161,6 +161,7 @@ class ASRModel(BaseTuner):
             ridge=config.ridge,
             seed=config.router_seed,
             confidence_threshold=config.confidence_threshold,
+            per_class_statistics=config.per_task_statistics,
         )
         device = next(model.parameters()).device
         self.asr_router = nn.ModuleDict({adapter_name: router.to(device)})
@@ -295,6 +296,21 @@ class ASRModel(BaseTuner):
         config.tasks.append(name)
         self.router.add_class()
         config.inference_mode = False
+        self._sync_layers()
+
+    def remove_task(self, name: str) -> None:
+        """Remove task ``name``: its subspace, and its samples from the router, which then equals a router that never
+        saw the task (needs ``per_task_statistics=True``, the default, and the router statistics)."""
+        self._check_task(name)
+        if name in self._pinned:
+            raise RuntimeError(f"task {name!r} is pinned by `use_task`; leave the `with` block first.")
+        self.router.remove_class(self.bank_config.tasks.index(name) + 1)  # checks first: nothing changes on error
+        adapter = self._adapter
+        for layer in self._asr_layers():
+            layer.remove_task(adapter, name)
+        self.bank_config.tasks.remove(name)
+        if self._training_task == name:
+            self._training_task = None
         self._sync_layers()
 
     @contextlib.contextmanager

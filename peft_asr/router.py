@@ -9,8 +9,10 @@ State, all float64 whatever the model dtype (``.half()`` or ``.to(torch.bfloat16
 devices but never changes its dtype):
 
 * ``weight`` (E x K) and ``class_counts`` (K,): the solved router; saved with the bank.
-* ``gram`` (E x E), ``cross`` (E x K): the sufficient statistics of :mod:`peft_asr.rls`; saved to a separate optional
-  file because they can be large (E=8192 is 512 MiB), needed only to keep learning.
+* ``class_gram`` (K x E x E, or 1 x E x E when ``per_class_statistics`` is off), ``cross`` (E x K): the sufficient
+  statistics of :mod:`peft_asr.rls`, with the Gram matrix kept per class so that a class can be removed exactly
+  (``G`` is their sum); saved to a separate optional file because they can be large (E=8192 is 512 MiB per class),
+  needed only to keep learning or to remove a task.
 * ``projection`` (d x E): regenerated from ``seed``; never saved.
 
 The scikit-learn ``partial_fit`` contract holds: ``partial_fit`` validates each batch and returns ``self``;
@@ -30,6 +32,7 @@ from . import rls
 __all__ = ["AnalyticRouter", "BASE_CLASS"]
 
 BASE_CLASS = 0  # column of the "general" route that sends a row to the plain base model
+_STATISTICS = ("class_gram", "cross", "class_counts")
 
 
 def make_projection(in_features: int, feature_dim: int, seed: int) -> torch.Tensor:
@@ -50,6 +53,7 @@ class AnalyticRouter(nn.Module):
         ridge: ``lambda`` of eq. (1) in :mod:`peft_asr.rls`.
         seed: seed of the projection ``P``.
         confidence_threshold: rows whose best task score is below this go to the base route; ``None`` disables it.
+        per_class_statistics: keep one Gram matrix per class (exact ``remove_class``) instead of their sum.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class AnalyticRouter(nn.Module):
         ridge: float = 1.0,
         seed: int = 0,
         confidence_threshold: Optional[float] = None,
+        per_class_statistics: bool = True,
     ) -> None:
         super().__init__()
         if activation not in ("none", "relu"):
@@ -71,6 +76,7 @@ class AnalyticRouter(nn.Module):
         self.ridge = float(ridge)
         self.seed = int(seed)
         self.confidence_threshold = confidence_threshold
+        self.per_class_statistics = bool(per_class_statistics)
         dim = self.dim
         f64 = dict(dtype=torch.float64)
         if self.feature_dim is not None:
@@ -79,7 +85,8 @@ class AnalyticRouter(nn.Module):
             self.projection = None
         self.register_buffer("weight", torch.zeros(dim, num_classes, **f64))
         self.register_buffer("class_counts", torch.zeros(num_classes, **f64))
-        self.register_buffer("gram", torch.zeros(dim, dim, **f64), persistent=False)
+        grams = num_classes if self.per_class_statistics else 1
+        self.register_buffer("class_gram", torch.zeros(grams, dim, dim, **f64), persistent=False)
         self.register_buffer("cross", torch.zeros(dim, num_classes, **f64), persistent=False)
         # False after a bank is loaded without its statistics file: the router can route but not learn more.
         self.has_statistics = True
@@ -93,6 +100,11 @@ class AnalyticRouter(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.weight.shape[1]
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """``G = sum phi^T phi`` over every class (E x E)."""
+        return self.class_gram.sum(dim=0)
 
     # ------------------------------------------------------------------ dtype safety
     def _apply(self, fn, recurse=True):
@@ -125,7 +137,27 @@ class AnalyticRouter(nn.Module):
         self.weight = torch.cat([self.weight, self.weight.new_zeros(self.dim, 1)], dim=1)
         self.cross = torch.cat([self.cross, self.cross.new_zeros(self.dim, 1)], dim=1)
         self.class_counts = torch.cat([self.class_counts, self.class_counts.new_zeros(1)])
+        if self.per_class_statistics:
+            self.class_gram = torch.cat([self.class_gram, self.class_gram.new_zeros(1, self.dim, self.dim)])
         return self.num_classes - 1
+
+    def remove_class(self, index: int) -> None:
+        """Remove class ``index`` and every sample it contributed: the router equals one that never saw it."""
+        if not self.per_class_statistics:
+            raise RuntimeError(
+                "this router keeps only the summed Gram matrix (`per_task_statistics=False`), so a task cannot be "
+                "taken out of it exactly."
+            )
+        if not self.has_statistics:
+            raise RuntimeError("this router was loaded without its statistics file, so a task cannot be taken out.")
+        if not 1 <= index < self.num_classes:
+            raise ValueError(f"class index must be in [1, {self.num_classes}), got {index}.")
+        keep = [k for k in range(self.num_classes) if k != index]
+        self.class_gram = self.class_gram[keep].contiguous()
+        self.cross = self.cross[:, keep].contiguous()
+        self.class_counts = self.class_counts[keep].contiguous()
+        self.weight = self.weight[:, keep].contiguous()
+        self._dirty = True
 
     # ------------------------------------------------------------------ fitting
     def partial_fit(self, pooled: torch.Tensor, labels: torch.Tensor | int) -> "AnalyticRouter":
@@ -144,7 +176,12 @@ class AnalyticRouter(nn.Module):
         if bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ValueError(f"class labels must lie in [0, {self.num_classes}), got {labels.unique().tolist()}.")
         targets = rls.one_hot(labels, self.num_classes)  # (B, K)
-        rls.accumulate(self.gram, self.cross, phi, targets)
+        if self.per_class_statistics:
+            for k in labels.unique().tolist():  # usually one class per batch
+                rows = labels == k
+                rls.accumulate(self.class_gram[k], self.cross, phi[rows], targets[rows])
+        else:
+            rls.accumulate(self.class_gram[0], self.cross, phi, targets)
         self.class_counts += targets.sum(dim=0)
         self._dirty = True
         return self
@@ -155,7 +192,7 @@ class AnalyticRouter(nn.Module):
         ``reduce_sum`` maps a tensor to its sum over processes (e.g. ``accelerator.reduce(t, "sum")``). Only the
         increments are reduced, so state that every process already shares is not counted twice.
         """
-        for name in ("gram", "cross", "class_counts"):
+        for name in _STATISTICS:
             current = getattr(self, name)
             delta = current - since[name]
             setattr(self, name, since[name] + reduce_sum(delta))
@@ -163,7 +200,7 @@ class AnalyticRouter(nn.Module):
 
     def snapshot(self) -> dict:
         """Copies of the statistics, to compute per-call increments (see :meth:`all_reduce_statistics`)."""
-        return {n: getattr(self, n).clone() for n in ("gram", "cross", "class_counts")}
+        return {n: getattr(self, n).clone() for n in _STATISTICS}
 
     def solve(self) -> "AnalyticRouter":
         """Re-solve ``weight`` from the statistics (Cholesky, float64). A no-op when nothing changed."""
@@ -204,14 +241,16 @@ class AnalyticRouter(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def statistics_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors needed to keep learning: ``gram``, ``cross``, ``class_counts`` (float64, CPU)."""
+        """The tensors needed to keep learning: ``class_gram``, ``cross``, ``class_counts`` (float64, CPU)."""
         if not self.has_statistics:
             raise RuntimeError("this router has no statistics to save (it was loaded without them).")
-        return {n: getattr(self, n).detach().cpu().contiguous() for n in ("gram", "cross", "class_counts")}
+        return {n: getattr(self, n).detach().cpu().contiguous() for n in _STATISTICS}
 
     def load_statistics(self, state: dict[str, torch.Tensor]) -> None:
         """Restore the statistics saved by :meth:`statistics_state_dict`; shapes and dtype are checked."""
-        expected = {"gram": (self.dim, self.dim), "cross": (self.dim, self.num_classes), "class_counts": (self.num_classes,)}
+        grams = self.num_classes if self.per_class_statistics else 1
+        expected = {"class_gram": (grams, self.dim, self.dim), "cross": (self.dim, self.num_classes),
+                    "class_counts": (self.num_classes,)}
         for name, shape in expected.items():
             if name not in state:
                 raise ValueError(f"router statistics lack `{name}`; the file is incomplete or from another program.")
@@ -223,7 +262,7 @@ class AnalyticRouter(nn.Module):
                 )
             rls.check_finite(name, t)
         device = self.weight.device
-        self.gram = state["gram"].to(device)
+        self.class_gram = state["class_gram"].to(device)
         self.cross = state["cross"].to(device)
         self.class_counts = state["class_counts"].to(device)
         self.has_statistics = True

@@ -46,7 +46,7 @@ def test_state_stays_float64_under_half_and_bfloat16():
     router = AnalyticRouter(16, 4, feature_dim=32).partial_fit(x, y)
     router.half()
     router.to(torch.bfloat16)
-    for name in ("weight", "class_counts", "gram", "cross", "projection"):
+    for name in ("weight", "class_counts", "class_gram", "cross", "projection"):
         assert getattr(router, name).dtype == torch.float64, name
     # half-precision inputs still route as float32 inputs do
     assert torch.equal(router.predict(x.half()), router.predict(x))
@@ -68,11 +68,11 @@ def test_statistics_round_trip_and_validation():
     fresh.load_statistics(state)
     fresh._dirty = True
     assert torch.allclose(fresh.solve().weight, router.solve().weight, atol=0)
-    bad = dict(state, gram=state["gram"].float())
+    bad = dict(state, class_gram=state["class_gram"].float())
     with pytest.raises(ValueError, match="does not belong to this bank"):
         AnalyticRouter(16, 4).load_statistics(bad)
     with pytest.raises(ValueError, match="lack `cross`"):
-        AnalyticRouter(16, 4).load_statistics({"gram": state["gram"]})
+        AnalyticRouter(16, 4).load_statistics({"class_gram": state["class_gram"]})
 
 
 def test_router_without_statistics_refuses_to_learn():
@@ -109,3 +109,27 @@ def test_all_reduce_sums_only_new_statistics():
     ref = AnalyticRouter(16, 4).partial_fit(x[:30], y[:30]).partial_fit(x[30:], y[30:]).partial_fit(x[30:], y[30:])
     assert torch.allclose(router.gram, ref.gram, atol=1e-9)
     assert torch.equal(router.class_counts, ref.class_counts)
+
+
+@pytest.mark.parametrize("index", [1, 2, 3])
+def test_remove_class_equals_never_having_seen_it(index):
+    x, y = _data()
+    router = AnalyticRouter(16, 4, feature_dim=24, seed=1).partial_fit(x, y)
+    router.remove_class(index)
+    keep = y != index
+    relabel = torch.where(y[keep] > index, y[keep] - 1, y[keep])
+    never = AnalyticRouter(16, 3, feature_dim=24, seed=1).partial_fit(x[keep], relabel)
+    assert (router.solve().weight - never.solve().weight).abs().max() < 1e-10
+    assert torch.equal(router.class_counts, never.class_counts)
+
+
+def test_summed_statistics_cannot_remove_but_route_the_same():
+    x, y = _data()
+    pooled = AnalyticRouter(16, 4, per_class_statistics=False).partial_fit(x, y)
+    per_class = AnalyticRouter(16, 4).partial_fit(x, y)
+    assert pooled.class_gram.shape == (1, 16, 16) and per_class.class_gram.shape == (4, 16, 16)
+    assert (pooled.solve().weight - per_class.solve().weight).abs().max() < 1e-10
+    with pytest.raises(RuntimeError, match="per_task_statistics=False"):
+        pooled.remove_class(1)
+    with pytest.raises(ValueError, match="class index must be in"):
+        per_class.remove_class(0)

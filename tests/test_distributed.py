@@ -1,0 +1,47 @@
+"""Two CPU processes (gloo) give the same router as one process: statistics summed, each prompt counted once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, out):
+    env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd + [str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_build_the_router_of_one(tmp_path):
+    single, double = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(HERE / "dist_worker.py")], single)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+          f"--master_port={_free_port()}", str(HERE / "dist_worker.py")], double)
+    one = load_file(single / "router-rank0.safetensors")
+    ranks = [load_file(double / f"router-rank{r}.safetensors") for r in (0, 1)]
+    # every prompt counted exactly once (22 + 19 rows, odd sizes that a distributed sampler would pad)
+    assert one["class_counts"].tolist() == [0, 22, 19]
+    for state in ranks:
+        assert state["class_counts"].tolist() == [0, 22, 19]
+        for key in ("class_gram", "cross", "weight"):
+            assert (state[key] - one[key]).abs().max() < 1e-10, key
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])  # every rank holds the same router
+    assert json.loads((double / "routes.json").read_text()) == json.loads((single / "routes.json").read_text())
+    routes = json.loads((single / "routes.json").read_text())
+    assert sum(r == t for r, t in zip(routes, ["alpha"] * 3 + ["beta"] * 3)) >= 5  # a router that tells them apart
