@@ -183,6 +183,7 @@ def run_stream(
     max_length: int = 256,
     use_chat_template: Optional[bool] = None,
     output_dir: Union[str, os.PathLike] = "asr-stream",
+    bank_dir: Optional[Union[str, os.PathLike]] = None,
     progress: bool = True,
     callbacks: Sequence = (),
 ) -> StreamResults:
@@ -201,7 +202,8 @@ def run_stream(
         general_prompts: everyday prompts fitted to the router's base route before the first task (ASR only).
         baseline / compute_baseline: the base model's score per task, for forward transfer; computed before
             training when not given and ``compute_baseline`` is true.
-        output_dir: where Trainer runs and (ASR) the final bank ``bank/`` are written.
+        output_dir: where the Trainer runs are written (one folder per stage).
+        bank_dir: where the ASR bank is saved at the end (default: ``output_dir/bank``).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, set_seed
@@ -267,7 +269,7 @@ def run_stream(
                                 "router_s": round(router_s, 2), "eval_s": round(eval_s, 2),
                                 "steps": trainer.state.global_step})
     if method == "asr":
-        bank = output_dir / "bank"
+        bank = Path(bank_dir) if bank_dir is not None else output_dir / "bank"
         model.save_pretrained(bank)
         from .hub import write_results_to_card
 

@@ -116,12 +116,8 @@ def run_demo(output_dir: str = "asr-demo", *, quick: bool = False, model: Option
     base, tokenizer = load_model_and_tokenizer(model)
     torch.manual_seed(seed)
     asr = run_stream(base, tasks, training, tokenizer=tokenizer, method="asr", asr_config=config,
-                     general_prompts=general_fit, output_dir=out / "runs", **common)
+                     general_prompts=general_fit, output_dir=out / "runs", bank_dir=out / "bank", **common)
     general_report = _general_check(asr.model, tokenizer, general_held, max_new_tokens)
-    asr.model.save_pretrained(out / "bank")
-    from .hub import write_results_to_card
-
-    write_results_to_card(out / "bank", asr.to_dict())
 
     base, _ = load_model_and_tokenizer(model)
     torch.manual_seed(seed)

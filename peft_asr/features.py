@@ -3,8 +3,8 @@
 The router of Analytic Subspace Routing reads the hidden state entering the router layer, normalised by the model's
 final norm, and averages it over the *prompt's real tokens*. Two masks decide which tokens count:
 
-* the attention mask (padding is never averaged: averaging pads made the official code work only at batch size 1;
-  on a left-padded mixed batch unmasked pooling drops routing accuracy from ~99% to 72-81%);
+* the attention mask (padding is never averaged: with pads in the mean, a prompt's feature would depend on its
+  batch neighbours' lengths, which limits the paper's code to batch size 1);
 * in training batches, ``labels == -100`` marks the prompt (the answer tokens must not leak into the feature, since at
   inference the router only sees the prompt).
 """

@@ -36,7 +36,7 @@ def plot_accuracy_matrices(results: Mapping[str, object], path: Union[str, os.Pa
     if not items:
         raise ValueError("`results` is empty: nothing to plot.")
     fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items) + 0.8, 4.2), squeeze=False)
-    for ax, (name, data) in zip(axes[0], items):
+    for column, (ax, (name, data)) in enumerate(zip(axes[0], items)):
         tasks = data["tasks"]
         matrix = [[100 * v for v in row] for row in data["matrix"]]
         image = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
@@ -45,7 +45,8 @@ def plot_accuracy_matrices(results: Mapping[str, object], path: Union[str, os.Pa
                 ax.text(i, t, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black",
                         fontsize=9)
         ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
-        ax.set_yticks(range(len(matrix)), [f"after {tasks[t]}" for t in range(len(matrix))])
+        # the rows are the same stages in every panel: label them once, on the left
+        ax.set_yticks(range(len(matrix)), [f"after {tasks[t]}" for t in range(len(matrix))] if column == 0 else [])
         op = data.get("summary", {}).get("op")
         bwt = data.get("summary", {}).get("bwt")
         subtitle = f"OP {100 * op:.1f}  BWT {100 * bwt:+.1f}" if op is not None and bwt is not None else ""

@@ -27,9 +27,9 @@ Block Woodbury / RLS (the paper's recursive form). Keep ``R = (G + lambda I)^-1`
     W' = W + K (Y_b - Phi_b W)                                                                      (5)
 
 (3)-(5) are the matrix-inversion lemma applied to ``G' = G + Phi_b^T Phi_b``; they give the same ``W'`` as solving
-(1) from the statistics, up to round-off. Round-off matters: at ridge 1 the system is ill conditioned (condition
-number ~5e6 on real LLM features), and in float32 the recursive update flips most predictions. Everything here
-therefore runs in float64, and the statistics path (2) is preferred because its error does not accumulate.
+(1) from the statistics, up to round-off. Round-off matters: at small ridges the system built from real LLM features
+is ill conditioned, and a recursive update in float32 loses the solution. Everything here therefore runs in float64,
+and the statistics path (2) is preferred because its error does not accumulate.
 """
 
 from __future__ import annotations

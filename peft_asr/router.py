@@ -108,7 +108,7 @@ class AnalyticRouter(nn.Module):
 
     # ------------------------------------------------------------------ dtype safety
     def _apply(self, fn, recurse=True):
-        # Follow device moves but never dtype casts: router state is float64 by design (decision 1 in DESIGN.md).
+        # Follow device moves but never dtype casts: router state is float64 by design (docs/concepts.md).
         for name, buf in self._buffers.items():
             if buf is None:
                 continue
