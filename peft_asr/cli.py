@@ -87,7 +87,7 @@ def _task_from_flag(flag: str):
         if not eq:
             raise CLIError(f"--task json:NAME=FILE, got {flag!r}.")
         rows = data.load_prompt_answer_json(file)
-        return data.Task(name=name, train=rows[:1], eval=rows)
+        return data.Task(name=name, train=[], eval=rows)
     return _task_from_spec({"kind": kind, "path": rest})
 
 

@@ -403,16 +403,20 @@ class ASRModel(BaseTuner):
         """
         label = BASE_CLASS if task in (None, BASE_ROUTE) else self.bank_config.tasks.index(self._check_task(task)) + 1
         router = self.router
-        before = router.snapshot() if reduce_sum is not None else None
+        before = router.snapshot()  # all or nothing: a bad batch halfway leaves the router as it was
         seen = 0
-        for batch in tqdm(batches, desc=f"router fit [{task or BASE_ROUTE}]", disable=not progress, leave=False):
-            pooled = self.router_features(batch)
-            router.partial_fit(pooled, label)
-            seen += pooled.shape[0]
-        if reduce_sum is not None:
-            router.all_reduce_statistics(reduce_sum, before)
-        elif seen == 0:
-            raise ValueError(f"`fit_router` got no batches for task {task!r}; pass the task's (prompt) batches.")
+        try:
+            for batch in tqdm(batches, desc=f"router fit [{task or BASE_ROUTE}]", disable=not progress, leave=False):
+                pooled = self.router_features(batch)
+                router.partial_fit(pooled, label)
+                seen += pooled.shape[0]
+            if reduce_sum is not None:
+                router.all_reduce_statistics(reduce_sum, before)
+            elif seen == 0:
+                raise ValueError(f"`fit_router` got no batches for task {task!r}; pass the task's (prompt) batches.")
+        except BaseException:
+            router.restore(before)
+            raise
         return self
 
     # ------------------------------------------------------------------ routing

@@ -199,8 +199,15 @@ class AnalyticRouter(nn.Module):
         self._dirty = True
 
     def snapshot(self) -> dict:
-        """Copies of the statistics, to compute per-call increments (see :meth:`all_reduce_statistics`)."""
-        return {n: getattr(self, n).clone() for n in _STATISTICS}
+        """Copies of the statistics, to compute per-call increments (see :meth:`all_reduce_statistics`) or to
+        :meth:`restore` them."""
+        return {"_dirty": self._dirty, **{n: getattr(self, n).clone() for n in _STATISTICS}}
+
+    def restore(self, snapshot: dict) -> None:
+        """Put back the statistics of a :meth:`snapshot` (taken with the same classes)."""
+        for name in _STATISTICS:
+            setattr(self, name, snapshot[name])
+        self._dirty = snapshot["_dirty"]
 
     def solve(self) -> "AnalyticRouter":
         """Re-solve ``weight`` from the statistics (Cholesky, float64). A no-op when nothing changed."""

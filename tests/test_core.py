@@ -477,3 +477,17 @@ def test_expanded_router_is_reproduced_after_reload(tmp_path):
     assert torch.equal(loaded.route_scores(**batch), model.route_scores(**batch))
     assert loaded.route(**batch) == MIXED_TASKS
     assert torch.equal(loaded.base_model.router.projection, model.base_model.router.projection)
+
+
+def test_failed_router_fit_leaves_the_router_unchanged():
+    model = two_task_model()
+    router = model.base_model.router
+    before = {k: v.clone() for k, v in router.statistics_state_dict().items()}
+    weight = router.solve().weight.clone()
+    bad = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1], [0, 0, 0]])}
+    with pytest.raises(ValueError, match=r"rows \[1\] have no prompt token"):
+        model.fit_router([left_pad(ALPHA), bad], task="alpha", progress=False)  # the first batch was fine
+    for key, value in router.statistics_state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.equal(router.solve().weight, weight)
+    assert model.route(**left_pad(MIXED)) == MIXED_TASKS  # still usable
