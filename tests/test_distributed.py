@@ -45,3 +45,16 @@ def test_two_processes_build_the_router_of_one(tmp_path):
     assert json.loads((double / "routes.json").read_text()) == json.loads((single / "routes.json").read_text())
     routes = json.loads((single / "routes.json").read_text())
     assert sum(r == t for r, t in zip(routes, ["alpha"] * 3 + ["beta"] * 3)) >= 5  # a router that tells them apart
+
+
+def test_router_pass_over_fsdp2_sharded_blocks(tmp_path):
+    """FSDP2 `fully_shard` on CPU (gloo): the early-stopped feature pass sees the same features as the unsharded
+    model, the router fits across processes, and a routed forward still runs afterwards."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+          f"--master_port={_free_port()}", str(HERE / "fsdp_worker.py")], tmp_path)
+    reports = [json.loads((tmp_path / f"fsdp-rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["max_feature_diff"] == 0.0 and report["finite"]
+        assert report["counts"] == [0.0, 48.0, 48.0]  # 24 prompts per task on each of the two ranks, summed
+    assert reports[0]["routes"] == reports[1]["routes"]
+    assert sum(r == t for r, t in zip(reports[0]["routes"], ["alpha"] * 3 + ["beta"] * 3)) >= 5
