@@ -196,7 +196,8 @@ def write_results_to_card(bank_dir, results: dict) -> None:
     card = ModelCard.load(path)
     tasks = results["tasks"]
     last = results["matrix"][-1] if results.get("matrix") else [None] * len(tasks)
-    rows = "\n".join(f"| `{t}` | {_pct(s)} |" for t, s in zip(tasks, last))
+    steps = {t["task"]: t.get("steps") for t in results.get("timings", [])}
+    rows = "\n".join(f"| `{t}` | {steps.get(t, '-')} | {_pct(s)} |" for t, s in zip(tasks, last))
     names = {"op": "OP (average score)", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting",
              "routing_accuracy": "routing accuracy"}
     summary = "\n".join(
@@ -206,8 +207,8 @@ def write_results_to_card(bank_dir, results: dict) -> None:
     card.text += f"""
 ## Evaluation (after the last task, greedy decoding, scores in %)
 
-| task | score |
-|---|---|
+| task | training steps | score |
+|---|---|---|
 {rows}
 
 {summary}

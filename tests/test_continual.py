@@ -66,7 +66,7 @@ def test_run_stream_asr_records_the_full_matrix_and_keeps_old_tasks(stories, tmp
     assert [t["steps"] for t in res.timings] == [2, 2] and res.timings[0]["router_s"] > 0
     bank = tmp_path / "bank"
     card = (bank / "README.md").read_text()
-    assert "## Evaluation" in card and "`reverse`" in card and "- routing accuracy: " in card
+    assert "## Evaluation" in card and "| `reverse` | 2 |" in card and "- routing accuracy: " in card
     reloaded = PeftModel.from_pretrained(stories()[0], bank).eval()
     assert reloaded.tasks == ["reverse", "shout"]
     # the reloaded bank scores exactly what the run measured after its last stage
