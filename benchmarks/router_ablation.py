@@ -203,7 +203,8 @@ def run_grid(stream: str, layer: int, tasks: list[str], feats: dict, feature_dim
     d, T = xtr.shape[1], len(tasks)
     rows = []
     for e, act, rs in settings(feature_dims, ridges):
-        kw = dict(in_features=d, num_classes=T + 1, feature_dim=e, activation=act, seed=0)
+        # one summed Gram matrix: per-class matrices (needed only to remove a task) would cost (T+1) x E^2 x 8 bytes
+        kw = dict(in_features=d, num_classes=T + 1, feature_dim=e, activation=act, seed=0, per_class_statistics=False)
         t0 = time.perf_counter()
         base = AnalyticRouter(ridge=rs[0], **kw)
         for k in range(T):  # task by task, as a continual stream would arrive
