@@ -154,7 +154,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .continual import _routing_stage, evaluate_tasks
+    from .continual import evaluate_routing, evaluate_tasks
 
     model, tokenizer = _load_bank(args.bank, args.model)
     tasks = [_task_from_flag(flag) for flag in args.task]
@@ -162,7 +162,7 @@ def _cmd_eval(args) -> int:
     report = {"scores": {t.name: s for t, s in zip(tasks, scores)}}
     known = [t for t in tasks if t.name in model.tasks]
     if known:
-        report["routing"] = _routing_stage(model, tokenizer, known)
+        report["routing"] = evaluate_routing(model, tokenizer, known)
     for task, score in zip(tasks, scores):
         print(f"{task.name:<24} {task.metric:<16} {100 * score:6.1f}")
     if known:

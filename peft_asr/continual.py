@@ -30,7 +30,7 @@ from .config import BASE_ROUTE, ASRConfig
 from .data import PromptAnswerCollator, Task, prompt_batches, tokenize_examples
 from .metrics import cl_summary, get_scorer, routing_accuracy, routing_confusion
 
-__all__ = ["StreamResults", "run_stream", "generate_answers", "evaluate_tasks", "METHODS"]
+__all__ = ["StreamResults", "run_stream", "generate_answers", "evaluate_tasks", "evaluate_routing", "METHODS"]
 
 METHODS = ("asr", "seqlora")
 DEFAULT_TRAINING = dict(
@@ -116,7 +116,8 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[Task], **generate_kwargs) -
     return scores
 
 
-def _routing_stage(model, tokenizer, seen: Sequence[Task], **kwargs) -> dict:
+def evaluate_routing(model, tokenizer, seen: Sequence[Task], **kwargs) -> dict:
+    """Route every eval prompt of ``seen``: labels (base route first), confusion (true x routed) and accuracy."""
     true, pred = [], []
     prompts = [row["prompt"] for task in seen for row in task.eval]
     for task in seen:
@@ -262,7 +263,7 @@ def run_stream(
         start = time.perf_counter()
         results.matrix.append(evaluate_tasks(model, tokenizer, tasks, **gen))
         if method == "asr":
-            results.routing.append(_routing_stage(model, tokenizer, tasks[: stage + 1], batch_size=eval_batch_size,
+            results.routing.append(evaluate_routing(model, tokenizer, tasks[: stage + 1], batch_size=eval_batch_size,
                                                   max_length=max_length, use_chat_template=use_chat_template))
         eval_s = time.perf_counter() - start
         results.timings.append({"task": task.name, "train_s": round(train_s - router_s, 2),

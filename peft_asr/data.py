@@ -26,6 +26,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .features import IGNORE_INDEX  # label of positions without loss; it also marks the prompt for the router
+
 __all__ = [
     "IGNORE_INDEX",
     "METRICS",
@@ -40,9 +42,9 @@ __all__ = [
     "tokenize_examples",
     "PromptAnswerCollator",
     "prompt_batches",
+    "shard_batches",
 ]
 
-IGNORE_INDEX = -100  # label of positions without loss; also what marks the prompt for the router
 METRICS = ("exact_match", "first_letter", "rouge_l", "sari", "edit_similarity")
 
 # Metric of every TRACE task, from TRACE's `evaluations/eval_*.py` (see shared/data/trace/README.md).

@@ -116,9 +116,6 @@ class ASRModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     uses_shared_state = True  # the router is shared by all layers
 
-    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-
     # ------------------------------------------------------------------ PEFT tuner plumbing
     def _pre_injection_hook(self, model: nn.Module, config: ASRConfig, adapter_name: str) -> None:
         if len(self.peft_config) > 1:
