@@ -198,8 +198,7 @@ def test_general_route_answers_with_the_plain_base_model():
 def test_confidence_threshold_falls_back_to_base():
     model = two_task_model(confidence_threshold=0.5)
     assert model.route(**left_pad(ALPHA[:2] + BETA[:2])) == ["alpha", "alpha", "beta", "beta"]
-    # a constant embedding-free prompt of pad-like ids far from both tasks
-    model.base_model.router.confidence_threshold = 10.0  # nothing is that confident
+    model.base_model.router.confidence_threshold = 10.0  # no ridge score comes near 10: every row falls back
     assert set(model.route(**left_pad(MIXED))) == {"__base__"}
 
 
@@ -243,11 +242,9 @@ def test_training_without_a_task_is_an_error(llama):
 
 def test_fit_router_prompt_masking_from_labels():
     model = two_task_model()
-    router = model.base_model.router
-    batch = right_pad([ALPHA[0] + BETA[0]])
-    labels = batch["input_ids"].clone()
-    labels[0, len(ALPHA[0]):] = -100  # only... no: -100 marks the prompt, so this masks the *answer*
-    labels = torch.where(torch.arange(labels.shape[1]) < len(ALPHA[0]), torch.tensor(-100), batch["input_ids"])
+    batch = right_pad([ALPHA[0] + BETA[0]])  # prompt ALPHA[0], answer BETA[0]
+    # -100 marks the prompt: pooling must see ALPHA[0] only
+    labels = torch.where(torch.arange(batch["input_ids"].shape[1]) < len(ALPHA[0]), torch.tensor(-100), batch["input_ids"])
     pooled = model.base_model.router_features(dict(batch, labels=labels))
     prompt_only = model.base_model.router_features(right_pad([ALPHA[0]]))
     assert torch.allclose(pooled, prompt_only, atol=1e-6)
@@ -257,7 +254,6 @@ def test_fit_router_prompt_masking_from_labels():
     explicit[0, : len(ALPHA[0])] = 1
     pooled_explicit = model.base_model.router_features(dict(batch, labels=batch["input_ids"], prompt_mask=explicit))
     assert torch.allclose(pooled_explicit, prompt_only, atol=1e-6)
-    del router
 
 
 def test_fit_router_errors():
