@@ -1,0 +1,158 @@
+"""``push_to_hub`` for Analytic Subspace Routing (Any-SSR) banks: our model card, one commit, no stale files.
+
+``PeftModel.push_to_hub`` comes from transformers' ``PushToHubMixin``. As of transformers 5.x it saves the adapter
+into a temporary folder and then *replaces* ``README.md`` with the card already on the Hub, or with a template whose
+metadata says ``library_name: transformers``: the bank's own card (``library_name: peft``, ``base_model``, the
+``peft-asr`` tag, the task table, how to load) would be lost. This module uploads what ``save_pretrained`` writes,
+card included, and nothing else:
+
+1. ``create_repo(repo_id, exist_ok=True)`` (and ``create_branch`` when ``revision`` names a branch);
+2. ``save_pretrained`` into a temporary folder (PEFT's files, the router statistics when kept, the card);
+3. one ``create_commit`` that adds every file and deletes a ``router_statistics.safetensors`` left on the Hub by an
+   earlier push when this save has none (a stale statistics file would not match the new router weight, and loading
+   the bank would refuse it).
+
+:func:`install` wraps ``PeftModel.push_to_hub`` so that ASR banks take this path; other PEFT methods are untouched.
+Importing this module installs the wrapper (idempotent).
+
+Example:
+    >>> import peft_asr.hub_upload
+    >>> from peft import PeftModel
+    >>> getattr(PeftModel.push_to_hub, "__peft_asr_wrapped__", False)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from typing import Optional, Union
+
+__all__ = ["push_bank_to_hub", "install"]
+
+_MARK = "__peft_asr_wrapped__"
+DEFAULT_COMMIT_MESSAGE = "Upload Analytic Subspace Routing bank"
+
+
+def push_bank_to_hub(
+    peft_model,
+    repo_id: str,
+    *,
+    commit_message: Optional[str] = None,
+    commit_description: Optional[str] = None,
+    private: Optional[bool] = None,
+    token: Union[bool, str, None] = None,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+    tags: Optional[list[str]] = None,
+    endpoint: Optional[str] = None,
+    max_shard_size=None,
+    **save_kwargs,
+):
+    """Upload an ASR bank to the Hub in one commit, keeping the bank's model card.
+
+    Args:
+        peft_model (`PeftModel`):
+            A model whose adapter is an ASR bank (``get_peft_model(..., ASRConfig(...))`` or
+            ``PeftModel.from_pretrained`` of a bank).
+        repo_id (`str`):
+            ``"org/name"`` (or ``"name"`` for your own namespace). Created if it does not exist.
+        commit_message (`str`, *optional*, defaults to ``"Upload Analytic Subspace Routing bank"``):
+            The commit title.
+        commit_description (`str`, *optional*):
+            The commit description.
+        private (`bool`, *optional*):
+            Visibility of a repository created by this call; ignored when it exists already.
+        token (`str` or `bool`, *optional*):
+            Hub token; default: the saved login (``hf auth login``) or ``HF_TOKEN``.
+        revision (`str`, *optional*):
+            Branch to commit to (created if missing); default the repository's main branch.
+        create_pr (`bool`, *optional*, defaults to `False`):
+            Open a pull request instead of committing to the branch.
+        tags (`list[str]`, *optional*):
+            Extra tags for the card; the card always carries ``peft``, ``peft-asr``, ``lora``,
+            ``continual-learning`` and ``analytic-subspace-routing``.
+        endpoint (`str`, *optional*):
+            Hub endpoint; default ``HF_ENDPOINT`` or ``https://huggingface.co``.
+        max_shard_size:
+            Accepted for compatibility with transformers' ``push_to_hub`` and ignored: PEFT adapters are not sharded.
+        save_kwargs:
+            Passed to ``save_pretrained`` (for example ``selected_adapters``).
+
+    Returns:
+        `huggingface_hub.CommitInfo` of the commit (its ``oid`` is the new revision).
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
+
+    from . import __version__
+    from .hub import STATISTICS_FILE, is_asr_model
+
+    if not is_asr_model(peft_model):
+        raise TypeError(
+            f"`push_bank_to_hub` uploads ASR banks only, got {type(getattr(peft_model, 'base_model', peft_model)).__name__}; "
+            "use `push_to_hub` for other PEFT methods."
+        )
+    if not isinstance(repo_id, str) or not repo_id.strip("/"):
+        raise ValueError(f"`repo_id` must be 'org/name' or 'name', got {repo_id!r}.")
+    api = HfApi(endpoint=endpoint, token=token, library_name="peft-asr", library_version=__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp, **save_kwargs)
+        if tags:
+            card_path = os.path.join(tmp, "README.md")
+            card = ModelCard.load(card_path)
+            card.data.tags = sorted(set(card.data.tags or []) | set(tags))
+            card.save(card_path)
+        operations = []
+        for folder, _, files in os.walk(tmp):
+            for name in sorted(files):
+                path = os.path.join(folder, name)
+                operations.append(CommitOperationAdd(path_in_repo=os.path.relpath(path, tmp).replace(os.sep, "/"),
+                                                     path_or_fileobj=path))
+        uploaded = {op.path_in_repo for op in operations}
+        # a statistics file from an earlier push would not match this router weight: delete it in the same commit
+        stale = [f for f in _statistics_paths(peft_model, STATISTICS_FILE) if f not in uploaded
+                 and api.file_exists(repo_id, f, revision=revision)]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        return api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+def _statistics_paths(peft_model, filename: str) -> list[str]:
+    # PEFT saves the adapter called "default" at the top of the folder, others in a sub-folder named after them
+    adapter = peft_model.base_model._adapter
+    return [filename if adapter == "default" else f"{adapter}/{filename}"]
+
+
+def install() -> None:
+    """Make ``PeftModel.push_to_hub`` use :func:`push_bank_to_hub` for ASR banks (idempotent)."""
+    from peft import PeftModel
+
+    if getattr(PeftModel.push_to_hub, _MARK, False):
+        return
+    original = PeftModel.push_to_hub
+
+    @functools.wraps(original)
+    def push_to_hub(self, repo_id, *args, **kwargs):
+        from .hub import is_asr_model
+
+        if not is_asr_model(self):
+            return original(self, repo_id, *args, **kwargs)
+        return push_bank_to_hub(self, repo_id, *args, **kwargs)
+
+    push_to_hub.__doc__ = push_bank_to_hub.__doc__
+    setattr(push_to_hub, _MARK, True)
+    PeftModel.push_to_hub = push_to_hub
+
+
+install()
