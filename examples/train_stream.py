@@ -1,10 +1,13 @@
 """Train a stream of tasks with Analytic Subspace Routing and the HF Trainer; runs unchanged under python, torchrun
 and accelerate launch (DDP).
 
-    python examples/train_stream.py --output_dir runs/stream --model_path ../shared/models/stories260K
-    torchrun --nproc_per_node 2 examples/train_stream.py --output_dir runs/stream --model_path ... --ddp_backend gloo
+    python examples/train_stream.py --output_dir runs/stream --max_steps 4 --report_to none --use_cpu
+    torchrun --nproc_per_node 2 examples/train_stream.py --output_dir runs/stream ... --ddp_backend gloo
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
-        examples/train_stream.py --output_dir runs/stream --model_path ...
+        examples/train_stream.py --output_dir runs/stream ...
+
+``--model_path``: a causal LM folder, ``smollm2`` for the embedded SmolLM2-135M-Instruct, or nothing for a tiny
+model (``../shared/models/stories260K`` when present, else a random tiny Llama; see ``tiny_model.py``).
 
 Tasks come from the demo's built-in stream (``--tasks reverse shout``) or from TRACE folders (``--trace_root``).
 Every process trains on its shard of each task; at the end of each task ``ASRCallback`` runs the router pass over
@@ -25,13 +28,14 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 import peft_asr  # noqa: F401  (registers the ASR PEFT type)
 from peft_asr import ASRCallback, ASRConfig
 from peft_asr.data import PromptAnswerCollator, load_trace_task, tokenize_examples
-from peft_asr.default_model import load_model_and_tokenizer
+from tiny_model import load
 from peft_asr.demo_stream import demo_stream
 
 
 @dataclass
 class StreamArguments:
-    model_path: Optional[str] = field(default=None, metadata={"help": "causal LM folder; default: SmolLM2-135M"})
+    model_path: Optional[str] = field(
+        default=None, metadata={"help": "causal LM folder, 'smollm2' (embedded SmolLM2-135M), or none: a tiny model"})
     tasks: list[str] = field(default_factory=lambda: ["reverse", "shout"], metadata={"help": "built-in tasks"})
     trace_root: Optional[str] = field(default=None, metadata={"help": "use these TRACE task folders instead"})
     trace_tasks: list[str] = field(default_factory=lambda: ["FOMC", "C-STANCE"])
@@ -43,7 +47,7 @@ class StreamArguments:
 
 def main() -> None:
     stream_args, train_args = HfArgumentParser((StreamArguments, TrainingArguments)).parse_args_into_dataclasses()
-    model, tokenizer = load_model_and_tokenizer(stream_args.model_path)
+    model, tokenizer = load(stream_args.model_path)
     if stream_args.trace_root:
         tasks = [load_trace_task(stream_args.trace_root, name, max_train=stream_args.max_train, max_eval=8)
                  for name in stream_args.trace_tasks]
