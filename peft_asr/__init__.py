@@ -13,7 +13,8 @@ from .config import BASE_ROUTE, ASRConfig  # noqa: E402
 from .merge import merge_banks  # noqa: E402
 from .model import ASRModel  # noqa: E402
 from .router import AnalyticRouter  # noqa: E402
-from .rls import RouterNumericalError  # noqa: E402
+from .errors import ASRConfigError, ASRConfigTypeError, ASRError, BankError, RouterNumericalError  # noqa: E402
+from .hub import recover_bank  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,10 @@ __all__ = [
     "BASE_ROUTE",
     "ASR_PEFT_TYPE",
     "RouterNumericalError",
+    "ASRError",
+    "ASRConfigError",
+    "ASRConfigTypeError",
+    "BankError",
+    "recover_bank",
     "__version__",
 ]

@@ -9,6 +9,8 @@ What we rely on (pinned by ``tests/test_registry_contract.py``; ``peft`` is pinn
 3. ``PeftModel.save_pretrained(save_directory, safe_serialization=..., is_main_process=..., ...)`` and
    ``PeftModel.load_adapter(model_id, adapter_name, ...)``: we wrap both so that an ASR bank also writes and reads
    its optional router-statistics file and its model card. The wrappers do nothing for other PEFT methods.
+   ``PeftModel.from_pretrained(model, model_id, adapter_name, ..., subfolder=...)`` is wrapped too, so that a bank is
+   checked (and an interrupted save finished) *before* PEFT injects layers into the base model.
 4. ``PeftModel._enable_peft_forward_hooks`` calls ``base_model._enable_peft_forward_hooks(*args, **kwargs)`` as a
    context around every forward and ``generate``; our routing hooks live in that context.
 
@@ -74,10 +76,21 @@ def _wrap_bank_io() -> None:
             return original_load(self, model_id, adapter_name, *args, **kwargs)
         return load_bank(self, original_load, model_id, adapter_name, *args, **kwargs)
 
+    original_from_pretrained = PeftModel.__dict__["from_pretrained"].__func__
+
+    @functools.wraps(original_from_pretrained)
+    def from_pretrained(cls, model, model_id, *args, **kwargs):
+        from .hub import preflight
+
+        preflight(model_id, kwargs.get("subfolder"))  # a no-op for other PEFT methods and for Hub ids
+        return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+
     setattr(save_pretrained, _MARK, True)
     setattr(load_adapter, _MARK, True)
+    setattr(from_pretrained, _MARK, True)
     PeftModel.save_pretrained = save_pretrained
     PeftModel.load_adapter = load_adapter
+    PeftModel.from_pretrained = classmethod(from_pretrained)
 
 
 def register() -> None:

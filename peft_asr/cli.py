@@ -91,17 +91,28 @@ def _task_from_flag(flag: str):
     return _task_from_spec({"kind": kind, "path": rest})
 
 
+def _read_config(bank: Path):
+    """The bank's `ASRConfig`, read strictly (an interrupted save is finished first)."""
+    from .config import ASRConfig, read_config_json
+    from .hub import recover_bank
+
+    recover_bank(bank)
+    if not (bank / "adapter_config.json").is_file():
+        raise CLIError(f"{bank} is not a saved bank (no adapter_config.json).")
+    data = read_config_json(str(bank / "adapter_config.json"))
+    kind = data.get("peft_type") if isinstance(data, dict) else None
+    if kind != "ASR":
+        raise CLIError(f"{bank} holds a {kind} adapter, not an ASR bank.")
+    return ASRConfig.from_pretrained(str(bank))
+
+
 def _load_bank(bank: str, model: Optional[str]):
     import peft_asr  # noqa: F401  (registers the ASR type)
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
     from .default_model import load_model_and_tokenizer
 
-    if not Path(bank, "adapter_config.json").is_file():
-        raise CLIError(f"{bank} is not a saved bank (no adapter_config.json).")
-    config = PeftConfig.from_pretrained(bank)
-    if config.peft_type != "ASR":
-        raise CLIError(f"{bank} holds a {config.peft_type} adapter, not an ASR bank.")
+    config = _read_config(Path(bank))
     base_path = model or config.base_model_name_or_path
     if base_path is None or not Path(base_path).exists():
         raise CLIError(f"the bank's base model {base_path!r} is not available here; pass --model PATH.")
@@ -186,18 +197,12 @@ def _cmd_route(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from peft import PeftConfig
-
     import peft_asr  # noqa: F401
 
     from .hub import STATISTICS_FILE
 
     bank = Path(args.bank)
-    if not (bank / "adapter_config.json").is_file():
-        raise CLIError(f"{bank} is not a saved bank (no adapter_config.json).")
-    config = PeftConfig.from_pretrained(str(bank))
-    if config.peft_type != "ASR":
-        raise CLIError(f"{bank} holds a {config.peft_type} adapter, not an ASR bank.")
+    config = _read_config(bank)
     sizes = {f.name: f.stat().st_size for f in sorted(bank.iterdir()) if f.is_file()}
     print(f"bank:            {bank}")
     print(f"base model:      {config.base_model_name_or_path}")

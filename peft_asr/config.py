@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 
 from ._registry import ASR_PEFT_TYPE
+from .errors import ASRConfigError, ASRConfigTypeError
 
-__all__ = ["ASRConfig", "BASE_ROUTE", "validate_task_name", "FORMAT_VERSION"]
+__all__ = ["ASRConfig", "BASE_ROUTE", "validate_task_name", "FORMAT_VERSION", "read_config_json", "check_config_dict"]
 
 BASE_ROUTE = "__base__"  # reserved name of the general route (rows answered by the plain base model)
 FORMAT_VERSION = 1  # version of the bank layout on disk; a bank with a newer version is refused with a clear error
@@ -129,44 +134,184 @@ class ASRConfig(PeftConfig):
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Bank layout version (written by the library)."})
 
     def __post_init__(self):
+        self._check_base_fields()
         super().__post_init__()
         self.peft_type = ASR_PEFT_TYPE
         self._check_int("r", self.r, minimum=1)
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
-            raise ValueError(f"`lora_alpha` must be a positive number, got {self.lora_alpha!r}.")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
+        self._check_number("lora_alpha", self.lora_alpha, "a positive number", lambda v: v > 0)
+        self._check_number("lora_dropout", self.lora_dropout, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        if self.target_modules is not None:
+            modules = self.target_modules
+            if isinstance(modules, (list, tuple, set)):
+                if not modules or not all(isinstance(m, str) and m for m in modules):
+                    raise ASRConfigTypeError(
+                        f"`target_modules` must be a regex or a non-empty list of module names (str), got {modules!r}; "
+                        "e.g. ['q_proj', 'v_proj']."
+                    )
+            elif not isinstance(modules, str) or not modules:
+                raise ASRConfigTypeError(
+                    f"`target_modules` must be a regex or a non-empty list of module names (str), got {modules!r}; "
+                    "e.g. ['q_proj', 'v_proj']."
+                )
         self._check_int("router_layer", self.router_layer, minimum=0)
         if self.feature_dim is not None:
             self._check_int("feature_dim", self.feature_dim, minimum=1)
         if self.activation not in ("none", "relu"):
-            raise ValueError(f"`activation` must be 'none' or 'relu', got {self.activation!r}.")
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not self.ridge > 0:
-            raise ValueError(f"`ridge` must be a number > 0, got {self.ridge!r}; try 1.0.")
+            raise ASRConfigError(f"`activation` must be 'none' or 'relu', got {self.activation!r}.")
+        self._check_number("ridge", self.ridge, "a number > 0", lambda v: v > 0, hint=" try 1.0.")
         self._check_int("router_seed", self.router_seed, minimum=0)
-        if self.confidence_threshold is not None and (
-            isinstance(self.confidence_threshold, bool) or not isinstance(self.confidence_threshold, (int, float))
-        ):
-            raise ValueError(f"`confidence_threshold` must be a number or None, got {self.confidence_threshold!r}.")
+        if self.router_seed >= 2**63:
+            raise ASRConfigError(f"`router_seed` must be below 2**63, got {self.router_seed!r}.")
+        if self.confidence_threshold is not None:
+            self._check_number("confidence_threshold", self.confidence_threshold, "a number or None", lambda v: True)
         if not isinstance(self.tasks, list):
-            raise TypeError(f"`tasks` must be a list of task names, got {type(self.tasks).__name__}.")
+            raise ASRConfigTypeError(f"`tasks` must be a list of task names, got {type(self.tasks).__name__}.")
         seen: list[str] = []
         for name in self.tasks:
-            seen.append(validate_task_name(name, seen))
+            try:
+                seen.append(validate_task_name(name, seen))
+            except TypeError as err:
+                raise ASRConfigTypeError(f"`tasks`: {err}") from None
+            except ValueError as err:
+                raise ASRConfigError(f"`tasks`: {err}") from None
+        if self.layers_pattern is not None and (not isinstance(self.layers_pattern, str) or not self.layers_pattern):
+            raise ASRConfigTypeError(
+                f"`layers_pattern` must be the name of the block list (a str such as 'layers'), got {self.layers_pattern!r}."
+            )
+        if self.layers_to_transform is not None and (
+            not isinstance(self.layers_to_transform, list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform)
+        ):
+            raise ASRConfigTypeError(
+                f"`layers_to_transform` must be a list of block indices (int >= 0), got {self.layers_to_transform!r}; "
+                "it is derived from `router_layer`, leave it unset."
+            )
+        for name in ("base_hidden_size", "base_num_layers"):
+            if getattr(self, name) is not None:
+                self._check_int(name, getattr(self, name), minimum=1)
+        if self.base_num_layers is not None and self.router_layer >= self.base_num_layers:
+            raise ASRConfigError(
+                f"`router_layer` must be in [0, {self.base_num_layers - 1}] for a base model with {self.base_num_layers} "
+                f"blocks, got {self.router_layer}."
+            )
+        for name in ("per_task_statistics", "save_router_statistics"):
+            if not isinstance(getattr(self, name), bool):
+                raise ASRConfigTypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         self._check_int("format_version", self.format_version, minimum=1)
         if self.format_version > FORMAT_VERSION:
-            raise ValueError(
+            raise ASRConfigError(
                 f"this bank uses format version {self.format_version}, but this peft-asr reads up to version "
                 f"{FORMAT_VERSION}; upgrade peft-asr (`pip install -U peft-asr`)."
             )
-        if isinstance(self.target_modules, list):
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
+
+    def _check_base_fields(self) -> None:
+        """PEFT's own fields, checked here so that a bad value gets our error class (PEFT's checks are partial)."""
+        from peft.utils import TaskType
+
+        if self.task_type is not None and self.task_type not in [t.value for t in TaskType]:
+            raise ASRConfigError(
+                f"`task_type` must be one of {[t.value for t in TaskType]} or None, got {self.task_type!r}; "
+                "use 'CAUSAL_LM' for decoder models."
+            )
+        if self.peft_type is not None and self.peft_type != ASR_PEFT_TYPE:
+            raise ASRConfigError(f"`peft_type` of an ASRConfig must be 'ASR', got {self.peft_type!r}.")
+        for name in ("base_model_name_or_path", "revision", "peft_version"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ASRConfigTypeError(f"`{name}` must be a str or None, got {getattr(self, name)!r}.")
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
+            raise ASRConfigTypeError(f"`auto_mapping` must be a dict or None, got {self.auto_mapping!r}.")
+        if not isinstance(self.inference_mode, bool):
+            raise ASRConfigTypeError(f"`inference_mode` must be True or False, got {self.inference_mode!r}.")
 
     @staticmethod
     def _check_int(name: str, value: object, minimum: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+            raise ASRConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+    @staticmethod
+    def _check_number(name: str, value: object, expected: str, ok, hint: str = "") -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise ASRConfigError(f"`{name}` must be {expected}, got {value!r}.{hint}")
+
+    # ------------------------------------------------------------------ loading a saved config
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs) -> "ASRConfig":
+        """Load the `ASRConfig` of a saved bank (a folder or a Hub repo), strictly.
+
+        Unlike PEFT's loader, which drops unknown keys with a warning, a bank's ``adapter_config.json`` must hold
+        every ASR field and nothing else; any problem raises :class:`~peft_asr.ASRConfigError`.
+        """
+        path = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(pretrained_model_name_or_path)
+        file = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(file):
+            if os.path.isdir(path):
+                raise ASRConfigError(f"{path} has no {CONFIG_NAME}; it is not a saved bank.")
+            from huggingface_hub import hf_hub_download
+
+            hub_keys = ("revision", "cache_dir", "token", "local_files_only", "repo_type", "force_download")
+            try:
+                file = hf_hub_download(str(pretrained_model_name_or_path), CONFIG_NAME, subfolder=subfolder,
+                                       **{k: kwargs[k] for k in hub_keys if k in kwargs})
+            except Exception as err:  # the Hub client raises many types (offline, 404, bad repo id); one clear error
+                raise ASRConfigError(
+                    f"cannot find {CONFIG_NAME} at {pretrained_model_name_or_path!r} (not a local folder, and the "
+                    f"Hub download failed: {type(err).__name__})."
+                ) from err
+        return cls.from_json_dict(read_config_json(file), source=file)
+
+    @classmethod
+    def from_json_dict(cls, data: object, source: str = "adapter_config.json") -> "ASRConfig":
+        """Build a config from the parsed JSON of a bank, refusing unknown and missing keys."""
+        check_config_dict(data, source)
+        try:
+            return cls(**data)
+        except ASRConfigError:
+            raise
+        except (TypeError, ValueError) as err:  # a check PEFT adds in a later version: still our error class
+            raise ASRConfigError(f"{source}: {err}") from err
 
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
+
+
+# fields of PEFT's base config: optional in a saved bank (their set varies with the PEFT version that wrote it)
+_PEFT_FIELDS = frozenset(f.name for f in fields(PeftConfig))
+# fields of ASRConfig itself: the library always writes all of them, so a bank missing one was not written by it
+_ASR_FIELDS = frozenset(f.name for f in fields(ASRConfig)) - _PEFT_FIELDS
+
+
+def read_config_json(path: str) -> dict:
+    """Parse a bank's ``adapter_config.json``; unreadable or non-JSON content raises :class:`ASRConfigError`."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ASRConfigError(f"{path} is not valid JSON ({err}); the file is truncated or corrupt, re-save the bank.") from None
+
+
+def check_config_dict(data: object, source: str = "adapter_config.json") -> None:
+    """Check the keys of a saved ASR config: a JSON object with ``peft_type`` "ASR", every ASR field, no unknown key.
+
+    Values are checked by ``ASRConfig.__post_init__``. Raises :class:`ASRConfigError`.
+    """
+    if not isinstance(data, dict):
+        raise ASRConfigError(f"{source} must hold a JSON object, got {type(data).__name__}.")
+    if data.get("peft_type") != "ASR":
+        raise ASRConfigError(
+            f"{source} has peft_type {data.get('peft_type')!r}, not 'ASR': it is not an Analytic Subspace Routing bank."
+        )
+    unknown = sorted(str(k) for k in set(data) - _ASR_FIELDS - _PEFT_FIELDS)
+    if unknown:
+        raise ASRConfigError(
+            f"{source} has unknown keys {unknown}: it was written by a newer peft-asr/peft (upgrade: "
+            "`pip install -U peft-asr`) or edited by hand (remove them)."
+        )
+    missing = sorted(_ASR_FIELDS - set(data))
+    if missing:
+        raise ASRConfigError(
+            f"{source} lacks the keys {missing}; peft-asr writes every field, so the file is incomplete or was not "
+            "written by peft-asr. Re-save the bank with `save_pretrained`."
+        )

@@ -1,4 +1,4 @@
-"""Banks on disk and on the Hub: the router-statistics file, safe loading, and the model card.
+"""Banks on disk and on the Hub: atomic saving, safe loading, the router-statistics file and the model card.
 
 A bank is an ordinary PEFT adapter folder:
 
@@ -8,25 +8,59 @@ A bank is an ordinary PEFT adapter folder:
   keep learning tasks after a reload;
 * ``README.md``: the model card (``library_name: peft``, base model, tasks, how to load).
 
-Only safetensors and JSON are read; a bank that has only a pickle file (``adapter_model.bin``) is refused.
+**Loading reads safetensors and JSON only.** No pickle is ever opened: a bank whose weights exist only as
+``adapter_model.bin`` is refused (PEFT would otherwise fall back to it), and files such as ``*.pt``/``*.pkl`` are
+never looked at. Every file is checked (JSON keys and values, safetensors headers, statistics shapes and their
+agreement with the saved router weight) *before* anything is loaded into the model, so a bad bank leaves the model as
+it was.
+
+**Saving is atomic.** ``save_pretrained`` writes the whole bank into a hidden sibling folder
+``.<name>.tmp-<pid>-<random>``, fsyncs every file and the folder, then swaps it into place:
+
+* on Linux with one ``renameat2(RENAME_EXCHANGE)`` call: the destination always holds a complete bank, old or new.
+  The old bank, now under the temporary name, is deleted afterwards; a crash before that leaves a hidden
+  ``.tmp-`` sibling that the next save or load deletes.
+* elsewhere (or where the filesystem refuses the exchange) with two renames: ``<name>`` -> ``.<name>.old-<token>``,
+  then ``.<name>.tmp-<token>`` -> ``<name>``. A crash between them leaves no ``<name>``, but two complete banks;
+  :func:`recover_bank` (run by every save and load of that path) renames the new one into place: the temporary folder
+  is complete and fsynced before the first rename, and both siblings share the token.
+
+Files in the destination that the bank does not own (a tokenizer, a Trainer checkpoint's other files) are carried
+over into the new folder as hard links, so they survive the swap.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
-from typing import Any, Optional
+import re
+import secrets
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import ASRConfig
+from .config import ASRConfig, read_config_json
+from .errors import BankError
 
-__all__ = ["STATISTICS_FILE", "is_asr_model", "save_bank", "load_bank", "write_model_card"]
+__all__ = ["STATISTICS_FILE", "WEIGHTS_FILE", "is_asr_model", "save_bank", "load_bank", "check_bank", "recover_bank",
+           "atomic_save", "write_model_card"]
 
 STATISTICS_FILE = "router_statistics.safetensors"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
+CONFIG_FILE = "adapter_config.json"
+ROUTER_WEIGHT_KEY = "base_model.asr_router.weight"
+ROUTER_COUNTS_KEY = "base_model.asr_router.class_counts"
+
+# False forces the two-rename swap (used on systems without renameat2, and by the tests of that path)
+USE_EXCHANGE = sys.platform.startswith("linux")
 
 
 def is_asr_model(peft_model) -> bool:
@@ -40,87 +74,382 @@ def _bank_dir(save_directory: str, adapter_name: str) -> str:
     return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
 
 
-def save_bank(peft_model, original_save, save_directory, *args, **kwargs):
-    """``PeftModel.save_pretrained`` for ASR banks: PEFT's files, then the statistics and the model card."""
-    safe = kwargs.get("safe_serialization", args[0] if args else True)
-    if not safe:
-        raise ValueError("ASR banks are saved as safetensors only; drop `safe_serialization=False`.")
-    tuner = peft_model.base_model
-    tuner.router.solve()  # the saved weight must match the statistics
-    result = original_save(peft_model, save_directory, *args, **kwargs)
-    if not kwargs.get("is_main_process", True):
-        return result
-    adapter = tuner._adapter
-    config: ASRConfig = tuner.bank_config
-    folder = _bank_dir(str(save_directory), adapter)
-    stats_path = os.path.join(folder, STATISTICS_FILE)
-    if config.save_router_statistics and tuner.router.has_statistics:
-        tmp = stats_path + ".tmp"
-        save_file(tuner.router.statistics_state_dict(), tmp, metadata={"format": "pt", "tasks": ",".join(config.tasks)})
-        os.replace(tmp, stats_path)
-    elif os.path.exists(stats_path):
-        os.remove(stats_path)  # never leave statistics that belong to an older state of the bank
-    write_model_card(peft_model, str(save_directory))
+# ---------------------------------------------------------------------------------------------------- atomic saving
+def _sibling_pattern(target: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)-([0-9a-f]+)$")
+
+
+def _siblings(target: Path) -> list[tuple[str, int, str, Path]]:
+    """Leftovers of interrupted saves of ``target``: (kind, pid, token, path)."""
+    pattern = _sibling_pattern(target)
+    try:
+        names = os.listdir(target.parent)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        match = pattern.match(name)
+        if match:
+            found.append((match[1], int(match[2]), f"{match[2]}-{match[3]}", target.parent / name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of this process may be saving right now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # directories cannot be opened on some platforms (Windows): nothing to sync there
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every folder (deepest first), so the data is on disk before the swap renames it."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def recover_bank(path) -> bool:
+    """Finish a save of ``path`` that was interrupted between its two renames; returns True when it did.
+
+    Only the two-rename swap (see the module docstring) can leave ``path`` missing, and only then do
+    ``.<name>.old-<token>`` (the previous bank) and ``.<name>.tmp-<token>`` (the new one) exist together: the
+    temporary folder is complete and fsynced before the first rename, so it is renamed into place. Any other
+    leftover (a half-written or half-deleted folder) is never promoted; those of processes that are gone are deleted.
+    """
+    target = Path(os.path.abspath(os.fspath(path)))
+    recovered = False
+    if not os.path.lexists(target):
+        leftovers = _siblings(target)
+        olds = {token for kind, _, token, _ in leftovers if kind == "old"}
+        pairs = sorted((p.stat().st_mtime_ns, p) for kind, _, token, p in leftovers if kind == "tmp" and token in olds)
+        if pairs:
+            os.rename(pairs[-1][1], target)
+            _fsync_dir(target.parent)
+            recovered = True
+    if os.path.isdir(target):
+        for _, pid, _, leftover in _siblings(target):
+            if not _alive(pid):
+                shutil.rmtree(leftover, ignore_errors=True)
+    return recovered
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2``); False when the system or filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+
+
+def _carry_over(old: Path, new: Path, dropped: set[str]) -> None:
+    """Hard-link into ``new`` every entry of ``old`` that the new save did not write (files the bank does not own)."""
+    for entry in os.scandir(old):
+        dest = new / entry.name
+        if entry.name in dropped:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            if not dest.exists():
+                dest.mkdir()
+            if dest.is_dir() and not dest.is_symlink():
+                _carry_over(Path(entry.path), dest, set())
+        elif not os.path.lexists(dest):
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), dest)
+                continue
+            try:
+                os.link(entry.path, dest)
+            except OSError:
+                shutil.copy2(entry.path, dest)
+
+
+def _swappable(target: Path) -> bool:
+    """False for folders that cannot be renamed away: a mount point, or the working directory (or a parent of it)."""
+    if not target.is_dir():
+        return True
+    if os.path.ismount(target):
+        return False
+    cwd = Path(os.getcwd()).resolve()
+    resolved = target.resolve()
+    return not (cwd == resolved or resolved in cwd.parents)
+
+
+def atomic_save(save_directory, write: Callable[[str], Any], dropped: Optional[set[str]] = None) -> Any:
+    """Run ``write(folder)`` into a fresh hidden sibling of ``save_directory``, then swap it into place atomically.
+
+    ``dropped``: names at the top of ``save_directory`` that must not be carried over from the previous content (bank
+    files this save deliberately leaves out). Returns what ``write`` returned. See the module docstring.
+    """
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise BankError(f"`save_directory` must be a path (str or os.PathLike), got {type(save_directory).__name__}.")
+    target = Path(os.path.abspath(os.fspath(save_directory)))
+    if os.path.lexists(target) and not target.is_dir():
+        raise BankError(f"{target} exists and is not a folder; choose a folder to save the bank in.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_bank(target)
+    if not _swappable(target):
+        warnings.warn(f"{target} is a mount point or the working directory: the bank is written in place, not "
+                      "atomically. Save into a sub-folder to get atomic saves.", stacklevel=3)
+        return write(str(target))
+    token = f"{os.getpid()}-{secrets.token_hex(6)}"
+    tmp = target.parent / f".{target.name}.tmp-{token}"
+    old = target.parent / f".{target.name}.old-{token}"
+    tmp.mkdir()
+    swapped = False
+    try:
+        if target.is_dir() and (target / "README.md").is_file():
+            shutil.copy2(target / "README.md", tmp / "README.md")  # PEFT and `write_card` update the card, as before
+        result = write(str(tmp))
+        if target.is_dir():
+            _carry_over(target, tmp, dropped or set())
+            os.chmod(tmp, target.stat().st_mode & 0o7777)  # an existing bank keeps its permissions
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # what a plain mkdir would give, not mkdtemp's 0o700
+        _fsync_tree(tmp)
+        if not os.path.lexists(target):
+            os.rename(tmp, target)
+        elif USE_EXCHANGE and _exchange(tmp, target):
+            os.rename(tmp, old)  # `tmp` held the previous bank since the exchange
+        else:
+            os.rename(target, old)
+            os.rename(tmp, target)  # a crash right before this line is what `recover_bank` repairs
+        swapped = True
+        _fsync_dir(target.parent)
+    finally:
+        if not swapped:
+            if not os.path.lexists(target) and os.path.isdir(old):
+                os.rename(old, target)  # the second rename failed: put the previous bank back
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return result
 
 
+def save_bank(peft_model, original_save, save_directory, *args, **kwargs):
+    """``PeftModel.save_pretrained`` for ASR banks: PEFT's files, the statistics and the model card, saved atomically."""
+    safe = kwargs.get("safe_serialization", args[0] if args else True)
+    if not safe:
+        raise BankError("ASR banks are saved as safetensors only (pickle files can run code when read); drop "
+                        "`safe_serialization=False`.")
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise BankError(f"`save_directory` must be a path (str or os.PathLike), got {type(save_directory).__name__}.")
+    tuner = peft_model.base_model
+    tuner.router.solve()  # the saved weight must match the statistics
+    if not kwargs.get("is_main_process", True):
+        return original_save(peft_model, save_directory, *args, **kwargs)
+    adapter = tuner._adapter
+    config: ASRConfig = tuner.bank_config
+    keep_statistics = config.save_router_statistics and tuner.router.has_statistics
+
+    def write(folder: str):
+        result = original_save(peft_model, folder, *args, **kwargs)
+        if keep_statistics:
+            save_file(tuner.router.statistics_state_dict(), os.path.join(_bank_dir(folder, adapter), STATISTICS_FILE),
+                      metadata={"format": "pt", "tasks": ",".join(config.tasks)})
+        write_model_card(peft_model, folder)
+        return result
+
+    # statistics that belong to an older state of the bank must not survive a save without them
+    dropped = set() if keep_statistics else {STATISTICS_FILE if adapter == "default" else adapter}
+    return atomic_save(save_directory, write, dropped)
+
+
+# ---------------------------------------------------------------------------------------------------- safe loading
 def _check_safetensors(path: str) -> None:
     try:
         with safe_open(path, framework="pt") as handle:
             for key in handle.keys():
                 handle.get_slice(key)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt): {err}") from None
+        raise BankError(f"{path} is not a readable safetensors file (truncated or corrupt): {err}") from None
 
 
-def _find_statistics(model_id: str, subfolder: Optional[str], hub_kwargs: dict) -> Optional[str]:
-    local = os.path.join(model_id, subfolder) if subfolder else model_id
-    if os.path.isdir(local):
-        path = os.path.join(local, STATISTICS_FILE)
-        return path if os.path.isfile(path) else None
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    _check_safetensors(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BankError(f"{path} is not a readable safetensors file (truncated or corrupt): {err}") from None
+
+
+def check_bank(folder: str) -> tuple[ASRConfig, Optional[dict[str, torch.Tensor]]]:
+    """Check a bank folder without loading it into a model; returns its config and router statistics (or None).
+
+    Reads only ``adapter_config.json`` and safetensors files. Raises :class:`~peft_asr.ASRConfigError` for a bad config
+    and :class:`~peft_asr.BankError` for missing, pickle-only, truncated or mismatched files.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        raise BankError(f"{folder} has no {CONFIG_FILE}; it is not a saved bank.")
+    config = ASRConfig.from_pretrained(folder)
+    weights = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        if os.path.isfile(os.path.join(folder, PICKLE_WEIGHTS_FILE)):
+            raise BankError(
+                f"{folder} holds only {PICKLE_WEIGHTS_FILE} (a pickle file, which can run code when read); ASR banks "
+                "load from safetensors only. Re-save the bank with `save_pretrained` (safetensors)."
+            )
+        raise BankError(f"{folder} has no {WEIGHTS_FILE}; it is not a saved bank.")
+    _check_safetensors(weights)
+    with safe_open(weights, framework="pt") as handle:
+        keys = set(handle.keys())
+        if ROUTER_WEIGHT_KEY not in keys or ROUTER_COUNTS_KEY not in keys:
+            raise BankError(f"{weights} has no router weight ({ROUTER_WEIGHT_KEY}); it is not an ASR bank's weights file.")
+        weight = handle.get_tensor(ROUTER_WEIGHT_KEY)
+        counts = handle.get_tensor(ROUTER_COUNTS_KEY)
+    dim = config.feature_dim or config.base_hidden_size
+    classes = config.num_tasks + 1
+    if dim is not None and (tuple(weight.shape) != (dim, classes) or weight.dtype != torch.float64):
+        raise BankError(
+            f"{weights}: the router weight has shape {tuple(weight.shape)} ({weight.dtype}), but the config's "
+            f"{config.num_tasks} tasks and feature size {dim} need ({dim}, {classes}) float64: the files come from "
+            "different banks."
+        )
+    path = os.path.join(folder, STATISTICS_FILE)
+    if not os.path.isfile(path):
+        return config, None
+    stats = _read_safetensors(path)
+    _check_statistics(path, stats, config, weight, counts)
+    return config, stats
+
+
+def _check_statistics(path: str, stats: dict, config: ASRConfig, weight: torch.Tensor, counts: torch.Tensor) -> None:
+    """The statistics file must have the bank's shapes and be the one the saved router weight was solved from."""
+    dim, classes = weight.shape
+    grams = classes if config.per_task_statistics else 1
+    expected = {"class_gram": (grams, dim, dim), "cross": (dim, classes), "class_counts": (classes,)}
+    for name, shape in expected.items():
+        tensor = stats.get(name)
+        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != torch.float64:
+            got = "missing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+            raise BankError(
+                f"{path}: `{name}` is {got}, expected {shape} float64: the statistics file does not belong to this "
+                "bank. Delete it to load the bank for routing only."
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise BankError(f"{path}: `{name}` holds NaN or inf values; the file is corrupt. Delete it to route only.")
+    if not torch.equal(stats["class_counts"], counts):
+        raise BankError(
+            f"{path} does not match the router saved in the bank (class counts {stats['class_counts'].tolist()} vs "
+            f"{counts.tolist()}): they come from different saves. Delete the statistics file to load the bank for "
+            "routing only."
+        )
+    # the saved weight solves (G + ridge I) W = C: check the residual instead of re-solving (O(E^2 K), not O(E^3))
+    gram = stats["class_gram"].sum(0)
+    residual = gram @ weight + config.ridge * weight - stats["cross"]  # (E, K)
+    scale = (gram.norm() + config.ridge) * weight.norm() + stats["cross"].norm()
+    if not float(residual.norm()) <= 1e-8 * float(scale):
+        raise BankError(
+            f"{path} does not match the router weight saved in the bank (they come from different saves); "
+            "delete the statistics file to load the bank for routing only."
+        )
+
+
+def _hub_file(model_id: str, filename: str, subfolder: Optional[str], hub_kwargs: dict) -> Optional[str]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     keys = ("revision", "cache_dir", "token", "local_files_only", "repo_type")
     try:
         return hf_hub_download(
-            model_id, STATISTICS_FILE, subfolder=subfolder, **{k: hub_kwargs[k] for k in keys if k in hub_kwargs}
+            model_id, filename, subfolder=subfolder, **{k: hub_kwargs[k] for k in keys if k in hub_kwargs}
         )
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
 
 
-def load_bank(peft_model, original_load, model_id, adapter_name, *args, **kwargs):
-    """``PeftModel.load_adapter`` for ASR banks: check the files, load with PEFT, then restore the statistics."""
-    model_id = str(model_id)
-    subfolder = kwargs.get("subfolder")
+def _local_bank(model_id, subfolder: Optional[str], hub_kwargs: dict) -> str:
+    """The local folder holding the bank: the folder itself, or the Hub cache folder its files were downloaded to."""
     local = os.path.join(model_id, subfolder) if subfolder else model_id
+    recover_bank(local)
     if os.path.isdir(local):
-        weights = os.path.join(local, WEIGHTS_FILE)
-        if not os.path.isfile(weights):
-            if os.path.isfile(os.path.join(local, PICKLE_WEIGHTS_FILE)):
-                raise ValueError(
-                    f"{local} holds only {PICKLE_WEIGHTS_FILE} (a pickle file, which can run code when read); ASR banks "
-                    "load from safetensors only. Re-save the bank with `save_pretrained` (safetensors)."
-                )
-            raise ValueError(f"{local} has no {WEIGHTS_FILE}; it is not a saved bank.")
-        _check_safetensors(weights)
+        return local
+    if os.path.exists(local):
+        raise BankError(f"{local} is a file; a bank is a folder.")
+    if os.path.isabs(model_id) or model_id.startswith(".") or os.sep + os.sep in model_id:
+        raise BankError(f"{local} does not exist.")
+    try:
+        found = _hub_file(model_id, CONFIG_FILE, subfolder, hub_kwargs)
+    except Exception as err:  # the Hub client raises many types (bad id, offline, no access): one clear error
+        raise BankError(f"cannot load {model_id!r}: no such folder, and the Hub download failed ({err}).") from err
+    if found is None:
+        raise BankError(f"{model_id!r} is neither a local folder nor a Hub repo with {CONFIG_FILE}.")
+    weights = _hub_file(model_id, WEIGHTS_FILE, subfolder, hub_kwargs)
+    if weights is None:
+        raise BankError(
+            f"{model_id} has no {WEIGHTS_FILE}; ASR banks load from safetensors only (a pickle file is never read)."
+        )
+    _hub_file(model_id, STATISTICS_FILE, subfolder, hub_kwargs)  # optional: into the same cache folder
+    return os.path.dirname(weights)
+
+
+def preflight(model_id, subfolder: Optional[str] = None, hub_kwargs: Optional[dict] = None) -> None:
+    """Before ``PeftModel.from_pretrained`` changes the base model: finish an interrupted save and check the bank.
+
+    Does nothing for adapters of other PEFT methods and for Hub ids (checked by :func:`load_bank` once downloaded).
+    """
+    if not isinstance(model_id, (str, os.PathLike)):
+        return
+    model_id = os.fspath(model_id)
+    local = os.path.join(model_id, subfolder) if subfolder else model_id
+    recover_bank(local)
+    if not os.path.isfile(os.path.join(local, CONFIG_FILE)):
+        return
+    data = read_config_json(os.path.join(local, CONFIG_FILE))
+    if isinstance(data, dict) and data.get("peft_type") == "ASR":
+        check_bank(local)
+
+
+def load_bank(peft_model, original_load, model_id, adapter_name, *args, **kwargs):
+    """``PeftModel.load_adapter`` for ASR banks: check every file first, load with PEFT, then restore the statistics."""
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise BankError(f"`model_id` must be a folder or a Hub repo id (str), got {type(model_id).__name__}.")
+    model_id = os.fspath(model_id)
+    _, stats = check_bank(_local_bank(model_id, kwargs.get("subfolder"), kwargs))
     result = original_load(peft_model, model_id, adapter_name, *args, **kwargs)
     router = peft_model.base_model.router
-    path = _find_statistics(model_id, subfolder, kwargs)
-    if path is None:
+    if stats is None:
         router.mark_loaded_without_statistics()
     else:
-        _check_safetensors(path)
-        router.load_statistics(load_file(path))
-        loaded_weight = router.weight.clone()
-        router.solve()
-        if not torch.allclose(router.weight, loaded_weight, rtol=1e-6, atol=1e-8):
-            raise ValueError(
-                f"{path} does not match the router weight saved in the bank (they come from different saves); "
-                "delete the statistics file to load the bank for routing only."
-            )
-        router.weight = loaded_weight  # keep the saved weight bit for bit: identical routing after reload
+        router.load_statistics(stats, solved=True)  # `check_bank` showed the saved weight solves them
     return result
 
 

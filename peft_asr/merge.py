@@ -9,10 +9,7 @@ LoRA subspace is copied unchanged. Merging works on the files alone: no model is
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -20,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import rls
-from .config import ASRConfig
-from .hub import STATISTICS_FILE, WEIGHTS_FILE, _check_safetensors, write_card
+from .config import ASRConfig, read_config_json
+from .errors import BankError
+from .hub import STATISTICS_FILE, WEIGHTS_FILE, atomic_save, check_bank, write_card
 
 __all__ = ["merge_banks"]
 
@@ -34,17 +32,18 @@ MUST_MATCH = ("base_model_name_or_path", "base_hidden_size", "base_num_layers", 
 
 def _read_bank(path: Path) -> tuple[ASRConfig, dict, dict]:
     if not (path / "adapter_config.json").is_file():
-        raise ValueError(f"{path} is not a saved bank (no adapter_config.json).")
-    data = json.loads((path / "adapter_config.json").read_text())
-    if data.get("peft_type") != "ASR":
-        raise ValueError(f"{path} holds a {data.get('peft_type')} adapter, not an ASR bank.")
-    config = ASRConfig.from_pretrained(str(path))
-    for name in (WEIGHTS_FILE, STATISTICS_FILE):
-        if not (path / name).is_file():
-            hint = " Re-save it with `save_router_statistics=True`." if name == STATISTICS_FILE else ""
-            raise ValueError(f"{path} has no {name}; banks can be merged exactly only with their router statistics.{hint}")
-        _check_safetensors(str(path / name))
-    return config, load_file(str(path / WEIGHTS_FILE)), load_file(str(path / STATISTICS_FILE))
+        raise BankError(f"{path} is not a saved bank (no adapter_config.json).")
+    data = read_config_json(str(path / "adapter_config.json"))
+    if not isinstance(data, dict) or data.get("peft_type") != "ASR":
+        kind = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
+        raise BankError(f"{path} holds a {kind} adapter, not an ASR bank.")
+    config, stats = check_bank(str(path))  # strict config, safetensors only, statistics that match the weight
+    if stats is None:
+        raise BankError(
+            f"{path} has no {STATISTICS_FILE}; banks can be merged exactly only with their router statistics. "
+            "Re-save it with `save_router_statistics=True`."
+        )
+    return config, load_file(str(path / WEIGHTS_FILE)), stats
 
 
 def _comparable(config: ASRConfig, field: str):
@@ -57,28 +56,34 @@ def merge_banks(banks: Sequence[Union[str, os.PathLike]], output: Union[str, os.
 
     The merged router equals the router trained jointly on all the banks' tasks (statistics add up exactly), every
     task keeps its subspace, and the output keeps the statistics, so it can go on learning. Task order: the tasks of
-    the first bank, then those of the second, and so on. ``output`` is written atomically (a temporary folder renamed
-    into place) and must not exist yet.
+    the first bank, then those of the second, and so on. ``output`` is written atomically (a temporary folder, fsynced,
+    renamed into place) and must not exist yet. Bad banks raise :class:`~peft_asr.BankError` (or
+    :class:`~peft_asr.ASRConfigError` for a bad ``adapter_config.json``) before anything is written.
     """
+    if isinstance(banks, (str, bytes, os.PathLike)) or not isinstance(banks, Sequence):
+        raise TypeError(f"`banks` must be a list of bank folders, got {type(banks).__name__}; e.g. "
+                        "`merge_banks(['bank-a', 'bank-b'], 'merged')`.")
+    if not isinstance(output, (str, os.PathLike)):
+        raise TypeError(f"`output` must be a folder path, got {type(output).__name__}.")
     paths = [Path(b) for b in banks]
     if len(paths) < 2:
-        raise ValueError(f"`merge_banks` needs at least two banks, got {len(paths)}.")
+        raise BankError(f"`merge_banks` needs at least two banks, got {len(paths)}.")
     output = Path(output)
     if output.exists():
-        raise ValueError(f"{output} already exists; choose a new folder for the merged bank.")
+        raise BankError(f"{output} already exists; choose a new folder for the merged bank.")
     read = [_read_bank(p) for p in paths]
     first = read[0][0]
     for path, (config, _, _) in zip(paths[1:], read[1:]):
         diffs = [f"{f}: {_comparable(first, f)!r} vs {_comparable(config, f)!r}" for f in MUST_MATCH
                  if _comparable(first, f) != _comparable(config, f)]
         if diffs:
-            raise ValueError(f"{path} cannot be merged with {paths[0]}: their settings differ ({'; '.join(diffs)}). "
+            raise BankError(f"{path} cannot be merged with {paths[0]}: their settings differ ({'; '.join(diffs)}). "
                              "Banks must share the base model, the LoRA shape and every router setting.")
     tasks: list[str] = []
     for path, (config, _, _) in zip(paths, read):
         clash = sorted(set(tasks) & set(config.tasks))
         if clash:
-            raise ValueError(f"task(s) {clash} of {path} are already in another bank; task names must be disjoint.")
+            raise BankError(f"task(s) {clash} of {path} are already in another bank; task names must be disjoint.")
         tasks.extend(config.tasks)
 
     per_task = all(config.per_task_statistics for config, _, _ in read)
@@ -105,15 +110,13 @@ def merge_banks(banks: Sequence[Union[str, os.PathLike]], output: Union[str, os.
     merged = ASRConfig.from_pretrained(str(paths[0]))
     merged.tasks = tasks
     merged.per_task_statistics = per_task
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if str(output.parent) else "."))
-    try:
-        merged.save_pretrained(str(tmp))
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        save_file({"class_gram": class_gram, "cross": cross, "class_counts": counts}, str(tmp / STATISTICS_FILE),
-                  metadata={"format": "pt", "tasks": ",".join(tasks)})
-        write_card(str(tmp), merged, counts.tolist(), has_statistics=True)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def write(folder: str) -> None:
+        merged.save_pretrained(folder)
+        save_file(weights, os.path.join(folder, WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file({"class_gram": class_gram, "cross": cross, "class_counts": counts},
+                  os.path.join(folder, STATISTICS_FILE), metadata={"format": "pt", "tasks": ",".join(tasks)})
+        write_card(folder, merged, counts.tolist(), has_statistics=True)
+
+    atomic_save(output, write)  # written in a hidden sibling, fsynced, renamed into place
     return output

@@ -31,6 +31,7 @@ from .config import BASE_ROUTE, ASRConfig, validate_task_name
 from .features import masked_mean, prompt_mask
 from .layer import ASRLayer, Linear
 from .router import BASE_CLASS, AnalyticRouter
+from .validation import check_batch, check_batches, check_features
 
 __all__ = ["ASRModel"]
 
@@ -352,10 +353,8 @@ class ASRModel(BaseTuner):
         ``batch`` holds ``input_ids`` (or ``inputs_embeds``), optionally ``attention_mask``, ``labels`` (positions set
         to -100 are the prompt) and ``prompt_mask`` (an explicit prompt mask, used instead of ``labels``).
         """
-        if not isinstance(batch, Mapping):
-            raise TypeError(f"a batch must be a mapping with `input_ids` and `attention_mask`, got {type(batch).__name__}.")
-        if batch.get("input_ids") is None and batch.get("inputs_embeds") is None:
-            raise ValueError(f"a batch needs `input_ids` (or `inputs_embeds`); got keys {sorted(batch)}.")
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        check_batch(batch, getattr(embeddings, "num_embeddings", None))
         device = next(self.model.parameters()).device
         tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         captured: dict[str, torch.Tensor] = {}
@@ -398,6 +397,9 @@ class ASRModel(BaseTuner):
 
         Only the blocks below ``router_layer`` run (no gradients). Returns ``self``.
         """
+        if task is not None and not isinstance(task, str):
+            raise TypeError(f"`task` must be a task name (str) or None for the base route, got {type(task).__name__}.")
+        check_batches(batches)
         label = BASE_CLASS if task in (None, BASE_ROUTE) else self.bank_config.tasks.index(self._check_task(task)) + 1
         router = self.router
         before = router.snapshot()  # all or nothing: a bad batch halfway leaves the router as it was
@@ -405,6 +407,7 @@ class ASRModel(BaseTuner):
         try:
             for batch in tqdm(batches, desc=f"router fit [{task or BASE_ROUTE}]", disable=not progress, leave=False):
                 pooled = self.router_features(batch)
+                check_features(pooled)
                 router.partial_fit(pooled, label)
                 seen += pooled.shape[0]
             if reduce_sum is not None:
@@ -420,13 +423,17 @@ class ASRModel(BaseTuner):
     def route_scores(self, input_ids=None, attention_mask=None, *, include_base: bool = False, **batch) -> torch.Tensor:
         """Router scores (B, T), float64, columns in :attr:`tasks` order (``include_base``: base route first)."""
         batch = dict(batch, input_ids=input_ids, attention_mask=attention_mask)
-        scores = self.router.scores(self.router_features(batch))  # (B, T + 1)
+        pooled = self.router_features(batch)
+        check_features(pooled)
+        scores = self.router.scores(pooled)  # (B, T + 1)
         return scores if include_base else scores[:, 1:]
 
     def route(self, input_ids=None, attention_mask=None, **batch) -> list[str]:
         """The task chosen for every row (``"__base__"`` for rows sent to the plain base model)."""
         batch = dict(batch, input_ids=input_ids, attention_mask=attention_mask)
-        classes = self.router.predict(self.router_features(batch)).tolist()
+        pooled = self.router_features(batch)
+        check_features(pooled)
+        classes = self.router.predict(pooled).tolist()
         names = [BASE_ROUTE] + self.tasks
         return [names[c] for c in classes]
 

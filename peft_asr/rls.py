@@ -34,7 +34,11 @@ and the statistics path (2) is preferred because its error does not accumulate.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .errors import RouterNumericalError
 
 __all__ = [
     "RouterNumericalError",
@@ -47,10 +51,6 @@ __all__ = [
 ]
 
 
-class RouterNumericalError(ValueError):
-    """The ridge system could not be solved to finite values (overflowed features or a singular system)."""
-
-
 _HINT = (
     "Raise `ridge` in the ASRConfig (e.g. 10x), check that the model's hidden states are finite (fp16 models can "
     "overflow: run the router feature pass in bf16 or fp32), and keep router state in float64."
@@ -60,6 +60,15 @@ _HINT = (
 def _check_float64(name: str, tensor: torch.Tensor) -> None:
     if tensor.dtype != torch.float64:
         raise TypeError(f"`{name}` must be float64 (router math is exact only in double precision), got {tensor.dtype}.")
+
+
+# float64 keeps ~16 digits; past a condition number of 1e14 fewer than 2 correct digits are left in W.
+MAX_CONDITION = 1e14
+
+
+def _check_ridge(ridge: float) -> None:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (ridge > 0 and math.isfinite(ridge)):
+        raise ValueError(f"`ridge` must be > 0 and finite, got {ridge!r}; try 1.0.")
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -100,13 +109,23 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.
     """Solve eq. (1) from the statistics: ``W = (G + ridge I)^-1 C`` by Cholesky. Returns (E, K) float64."""
     _check_float64("gram", gram)
     _check_float64("cross", cross)
-    if not ridge > 0:
-        raise ValueError(f"`ridge` must be > 0, got {ridge!r}.")
+    _check_ridge(ridge)
     check_finite("gram", gram)
+    check_finite("cross", cross)
     a = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
         raise RouterNumericalError(f"The router system G + ridge*I is not positive definite (ridge={ridge}). {_HINT}")
+    # cond(A) >= (max diag L / min diag L)^2 for A = L L^T. Past ~1/eps the solve returns finite but meaningless
+    # numbers (a tiny ridge on colinear features): refuse instead of routing on round-off.
+    diag = chol.diagonal()
+    cond_lower_bound = float((diag.max() / diag.min()) ** 2)
+    if not cond_lower_bound < MAX_CONDITION:
+        raise RouterNumericalError(
+            f"The router system G + ridge*I is numerically singular (condition number >= {cond_lower_bound:.1e}, "
+            f"limit {MAX_CONDITION:.0e}; ridge={ridge}): the features are (nearly) colinear and the ridge is too small "
+            f"to regularise them. {_HINT}"
+        )
     # row-major like a weight read back from disk, so routing after a reload runs the same kernel bit for bit
     weight = torch.cholesky_solve(cross, chol).contiguous()
     check_finite("router weight", weight)
@@ -115,8 +134,7 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.
 
 def woodbury_init(dim: int, num_classes: int, ridge: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Start the recursive form of eq. (3)-(5) with no data: ``R = I / ridge``, ``W = 0``."""
-    if not ridge > 0:
-        raise ValueError(f"`ridge` must be > 0, got {ridge!r}.")
+    _check_ridge(ridge)
     r = torch.eye(dim, dtype=torch.float64, device=device) / ridge
     w = torch.zeros(dim, num_classes, dtype=torch.float64, device=device)
     return r, w

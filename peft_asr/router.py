@@ -68,10 +68,15 @@ class AnalyticRouter(nn.Module):
         per_class_statistics: bool = True,
     ) -> None:
         super().__init__()
+        for name, value, minimum in (("in_features", in_features, 1), ("num_classes", num_classes, 1),
+                                     ("feature_dim", 1 if feature_dim is None else feature_dim, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
         if activation not in ("none", "relu"):
             raise ValueError(f"`activation` must be 'none' or 'relu', got {activation!r}.")
+        rls._check_ridge(ridge)
         self.in_features = int(in_features)
-        self.feature_dim = int(feature_dim) if feature_dim else None
+        self.feature_dim = int(feature_dim) if feature_dim is not None else None
         self.activation = activation
         self.ridge = float(ridge)
         self.seed = int(seed)
@@ -240,7 +245,10 @@ class AnalyticRouter(nn.Module):
         if self.confidence_threshold is not None:
             task_best = scores[:, 1:].max(dim=1).values  # (B,) best score among tasks
             best = torch.where(task_best < self.confidence_threshold, torch.zeros_like(best), best)
-        return best
+        # A NaN feature (an overflowed fp16 hidden state) would make argmax pick a task at random: such rows go to the
+        # base route instead. No host sync here (this runs inside every routed forward); `ASRModel.route` raises.
+        finite = torch.isfinite(pooled).all(dim=1).to(best.device)  # (B,)
+        return torch.where(finite, best, torch.zeros_like(best))
 
     # ------------------------------------------------------------------ persistence
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -253,8 +261,12 @@ class AnalyticRouter(nn.Module):
             raise RuntimeError("this router has no statistics to save (it was loaded without them).")
         return {n: getattr(self, n).detach().cpu().contiguous() for n in _STATISTICS}
 
-    def load_statistics(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore the statistics saved by :meth:`statistics_state_dict`; shapes and dtype are checked."""
+    def load_statistics(self, state: dict[str, torch.Tensor], solved: bool = False) -> None:
+        """Restore the statistics saved by :meth:`statistics_state_dict`; shapes and dtype are checked.
+
+        ``solved``: the current ``weight`` is already the solution of these statistics (a bank checked on load), so it
+        is kept bit for bit instead of being re-solved.
+        """
         grams = self.num_classes if self.per_class_statistics else 1
         expected = {"class_gram": (grams, self.dim, self.dim), "cross": (self.dim, self.num_classes),
                     "class_counts": (self.num_classes,)}
@@ -273,7 +285,7 @@ class AnalyticRouter(nn.Module):
         self.cross = state["cross"].to(device)
         self.class_counts = state["class_counts"].to(device)
         self.has_statistics = True
-        self._dirty = True
+        self._dirty = not solved
 
     def mark_loaded_without_statistics(self) -> None:
         """After loading ``weight``/``class_counts`` only: route with them; refuse to learn more."""
