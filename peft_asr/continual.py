@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -33,6 +33,7 @@ from .metrics import cl_summary, get_scorer, routing_accuracy, routing_confusion
 __all__ = ["StreamResults", "run_stream", "generate_answers", "evaluate_tasks", "evaluate_routing", "METHODS"]
 
 METHODS = ("asr", "seqlora")
+EVAL_SCOPES = ("all", "seen+next")
 DEFAULT_TRAINING = dict(
     per_device_train_batch_size=8, learning_rate=2e-3, num_train_epochs=1, lr_scheduler_type="constant",
     warmup_steps=0, weight_decay=0.0, logging_strategy="no", save_strategy="no", report_to=[], seed=0,
@@ -187,6 +188,8 @@ def run_stream(
     bank_dir: Optional[Union[str, os.PathLike]] = None,
     progress: bool = True,
     callbacks: Sequence = (),
+    eval_scope: str = "all",
+    on_stage_end: Optional[Callable[[int, Any, StreamResults], None]] = None,
 ) -> StreamResults:
     """Train ``tasks`` in order with ``method`` and evaluate every task after every stage.
 
@@ -205,6 +208,11 @@ def run_stream(
             training when not given and ``compute_baseline`` is true.
         output_dir: where the Trainer runs are written (one folder per stage).
         bank_dir: where the ASR bank is saved at the end (default: ``output_dir/bank``).
+        eval_scope: which tasks are evaluated after stage ``t``: ``"all"`` (every task, the full ``T x T``
+            matrix) or ``"seen+next"`` (tasks ``0..t+1``: everything OP, BWT, FWT and forgetting need, about half the
+            evaluation of a long stream; the entries not evaluated are ``None``).
+        on_stage_end: called as ``on_stage_end(stage, model, results)`` after each stage's evaluation (the model is
+            in eval mode), e.g. to measure more things on the model of that stage.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, set_seed
@@ -214,6 +222,10 @@ def run_stream(
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
     _check_tasks(tasks)
+    if eval_scope not in EVAL_SCOPES:
+        raise ValueError(f"`eval_scope` must be one of {EVAL_SCOPES}, got {eval_scope!r}.")
+    if on_stage_end is not None and not callable(on_stage_end):
+        raise TypeError(f"`on_stage_end` must be callable, got {type(on_stage_end).__name__}.")
     model, tokenizer = _load(model_or_name, tokenizer)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token` first.")
@@ -261,7 +273,9 @@ def run_stream(
             results.trainable_params = model.get_nb_trainable_parameters()[0]
         model.eval()
         start = time.perf_counter()
-        results.matrix.append(evaluate_tasks(model, tokenizer, tasks, **gen))
+        scope = len(tasks) if eval_scope == "all" else min(stage + 2, len(tasks))
+        scores = evaluate_tasks(model, tokenizer, tasks[:scope], **gen)
+        results.matrix.append(scores + [None] * (len(tasks) - scope))
         if method == "asr":
             results.routing.append(evaluate_routing(model, tokenizer, tasks[: stage + 1], batch_size=eval_batch_size,
                                                   max_length=max_length, use_chat_template=use_chat_template))
@@ -269,6 +283,8 @@ def run_stream(
         results.timings.append({"task": task.name, "train_s": round(train_s - router_s, 2),
                                 "router_s": round(router_s, 2), "eval_s": round(eval_s, 2),
                                 "steps": trainer.state.global_step})
+        if on_stage_end is not None:
+            on_stage_end(stage, model, results)
     if method == "asr":
         bank = Path(bank_dir) if bank_dir is not None else output_dir / "bank"
         model.save_pretrained(bank)

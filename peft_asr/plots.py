@@ -38,10 +38,13 @@ def plot_accuracy_matrices(results: Mapping[str, object], path: Union[str, os.Pa
     fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items) + 0.8, 4.2), squeeze=False)
     for column, (ax, (name, data)) in enumerate(zip(axes[0], items)):
         tasks = data["tasks"]
-        matrix = [[100 * v for v in row] for row in data["matrix"]]
+        # entries that were not evaluated (None, e.g. eval_scope="seen+next") are drawn blank
+        matrix = [[float("nan") if v is None else 100 * v for v in row] for row in data["matrix"]]
         image = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
         for t, row in enumerate(matrix):
             for i, value in enumerate(row):
+                if value != value:  # NaN
+                    continue
                 ax.text(i, t, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black",
                         fontsize=9)
         ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")

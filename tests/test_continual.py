@@ -120,3 +120,23 @@ def test_plots_reject_bad_input(tmp_path):
         plot_routing_confusion(["__base__", "a"], [[1, 2, 3]], tmp_path / "y.png")
     path = plot_routing_confusion(["__base__", "a", "b"], [[0, 0, 0], [1, 4, 0], [0, 0, 5]], tmp_path / "z.png")
     assert (tmp_path / "z.png").stat().st_size > 1000 and path.endswith("z.png")
+
+
+def test_run_stream_seen_next_scope_and_stage_hook(stories, tmp_path):
+    model, tok = stories()
+    tasks = demo_stream(n_train=8, n_eval=2, seed=0)[:3]
+    seen = []
+    res = run_stream(model, tasks, {"disable_tqdm": True}, tokenizer=tok, method="asr", output_dir=tmp_path,
+                     max_new_tokens=2, progress=False, eval_scope="seen+next",
+                     on_stage_end=lambda stage, m, r: seen.append((stage, m.training, len(r.matrix))))
+    # after stage t only tasks 0..t+1 are scored; the rest is None, and every CL metric is still defined
+    assert [[v is None for v in row] for row in res.matrix] == [[False, False, True], [False] * 3, [False] * 3]
+    assert all(res.summary[k] is not None for k in ("op", "bwt", "fwt", "forgetting"))
+    assert seen == [(0, False, 1), (1, False, 2), (2, False, 3)]
+    from peft_asr.plots import plot_accuracy_matrices
+
+    assert plot_accuracy_matrices({"asr": res}, tmp_path / "m.png") and (tmp_path / "m.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="`eval_scope` must be one of"):
+        run_stream(model, tasks, tokenizer=tok, eval_scope="some")
+    with pytest.raises(TypeError, match="`on_stage_end` must be callable"):
+        run_stream(model, tasks, tokenizer=tok, on_stage_end=3)
