@@ -283,7 +283,7 @@ def save_bank(peft_model, original_save, save_directory, *args, **kwargs):
         result = original_save(peft_model, folder, *args, **kwargs)
         if keep_statistics:
             save_file(tuner.router.statistics_state_dict(), os.path.join(_bank_dir(folder, adapter), STATISTICS_FILE),
-                      metadata={"format": "pt", "tasks": ",".join(config.tasks)})
+                      metadata={"format": "pt"})  # one key: safetensors writes metadata in hash order
         write_model_card(peft_model, folder)
         return result
 

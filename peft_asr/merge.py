@@ -115,7 +115,7 @@ def merge_banks(banks: Sequence[Union[str, os.PathLike]], output: Union[str, os.
         merged.save_pretrained(folder)
         save_file(weights, os.path.join(folder, WEIGHTS_FILE), metadata={"format": "pt"})
         save_file({"class_gram": class_gram, "cross": cross, "class_counts": counts},
-                  os.path.join(folder, STATISTICS_FILE), metadata={"format": "pt", "tasks": ",".join(tasks)})
+                  os.path.join(folder, STATISTICS_FILE), metadata={"format": "pt"})
         write_card(folder, merged, counts.tolist(), has_statistics=True)
 
     atomic_save(output, write)  # written in a hidden sibling, fsynced, renamed into place
