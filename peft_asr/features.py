@@ -58,24 +58,26 @@ def prompt_mask(
     return mask
 
 
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor, *, strict: bool = True) -> torch.Tensor:
     """Average ``hidden`` over the positions where ``mask`` is true: (B, L, d) -> (B, d), computed in float64.
 
-    Raises ``ValueError`` naming the rows that have no token to pool over (an all-padding row, or a training row whose
-    labels mask nothing as prompt).
+    With ``strict`` (fitting and explicit routing), raises ``ValueError`` naming the rows that have no token to pool
+    over (an all-padding row, or a training row whose labels mask nothing as prompt). Without it (the routed forward
+    path, which must not wait on the device) such rows come out as NaN, which the router sends to the base route.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden states must be (batch, length, dim), got shape {tuple(hidden.shape)}.")
     if mask.shape != hidden.shape[:2]:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match hidden states {tuple(hidden.shape[:2])}.")
     counts = mask.sum(dim=1)  # (B,)
-    empty = counts == 0
-    if bool(empty.any()):
-        rows = empty.nonzero().flatten().tolist()
-        raise ValueError(
-            f"rows {rows} have no prompt token to route on (all padding, or `labels` mark no position as prompt "
-            "with -100). Pass prompt-only batches, a `prompt_mask` key, or labels with the prompt set to -100."
-        )
+    if strict:
+        empty = counts == 0
+        if bool(empty.any()):  # host sync: only when fitting or routing explicitly
+            rows = empty.nonzero().flatten().tolist()
+            raise ValueError(
+                f"rows {rows} have no prompt token to route on (all padding, or `labels` mark no position as prompt "
+                "with -100). Pass prompt-only batches, a `prompt_mask` key, or labels with the prompt set to -100."
+            )
     weights = mask.to(torch.float64).unsqueeze(-1)  # (B, L, 1)
     summed = (hidden.to(torch.float64) * weights).sum(dim=1)  # (B, L, d) -> (B, d)
-    return summed / counts.to(torch.float64).unsqueeze(-1)  # (B, d)
+    return summed / counts.to(torch.float64).unsqueeze(-1)  # (B, d); 0 / 0 = NaN for an empty row (strict=False)

@@ -7,8 +7,12 @@ The layer applies either
 
 * one task to every row (``active_task``: the task being trained, or the one pinned by ``use_task``), or
 * one task *per row* when the routing pass hands it ``asr_task_ids`` (B,) through a scoped forward pre-hook
-  (class 0 = base route: no adapter; class t+1 = ``tasks[t]``). The per-row path gathers each row's A/B and runs
-  two batched matmuls, with no Python loop over tasks and no device synchronisation.
+  (class 0 = base route: no adapter; class t+1 = ``tasks[t]``). The per-row path (`gathered_delta`) gathers each
+  row's A/B from the stacked task matrices and runs two batched matmuls, with no Python loop over tasks and no device
+  synchronisation. The stacks are cached while no task's parameters change (in eval the bank is frozen), so a
+  routed forward does not copy T * r * (in + out) numbers per layer. `grouped_delta` (one matmul per task present,
+  which needs the host to know the tasks of the batch) is the exact reference it is tested and benchmarked against;
+  ``ROUTED_KERNEL`` selects it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,43 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["ASRLayer", "Linear"]
+__all__ = ["ASRLayer", "Linear", "gathered_delta", "grouped_delta", "ROUTED_KERNELS"]
+
+ROUTED_KERNELS = ("gathered", "grouped")
+ROUTED_KERNEL = "gathered"  # module setting read by every routed forward (benchmarks switch it)
+
+
+def gathered_delta(x: torch.Tensor, task_ids: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
+                   scaling: float) -> torch.Tensor:
+    """Per-row LoRA update without a loop over tasks: (B, L, in) -> (B, L, out).
+
+    ``a_all`` (T, r, in) and ``b_all`` (T, out, r) stack every task; row ``i`` uses task ``task_ids[i] - 1``, and rows
+    with ``task_ids[i] == 0`` (base route) get a zero update. No host synchronisation.
+    """
+    index = (task_ids - 1).clamp(min=0)  # (B,) row -> task position; base rows are zeroed below
+    a = a_all.index_select(0, index)  # (B, r, in)
+    b = b_all.index_select(0, index)  # (B, out, r)
+    h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # (B, L, in) @ (B, in, r) -> (B, L, r)
+    delta = torch.bmm(h, b.transpose(1, 2)) * scaling  # (B, L, r) @ (B, r, out) -> (B, L, out)
+    keep = (task_ids > 0).to(delta.dtype).view(-1, 1, 1)  # (B, 1, 1): 0 for the base route
+    return delta * keep
+
+
+def grouped_delta(x: torch.Tensor, task_ids: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """The same update computed task by task: one pair of matmuls per task present in the batch.
+
+    Reads ``task_ids`` on the host (one sync) to find the tasks present; the reference for `gathered_delta`.
+    """
+    delta = x.new_zeros(*x.shape[:-1], b_all.shape[1], dtype=a_all.dtype)  # (B, L, out)
+    for cls in torch.unique(task_ids).tolist():  # host sync
+        if cls == 0:
+            continue
+        rows = (task_ids == cls).nonzero().flatten()  # (n,)
+        xi = x.index_select(0, rows).to(a_all.dtype)  # (n, L, in)
+        update = nn.functional.linear(nn.functional.linear(xi, a_all[cls - 1]), b_all[cls - 1]) * scaling
+        delta.index_copy_(0, rows, update)  # (n, L, out) into the rows of task cls
+    return delta
 
 
 class ASRLayer(BaseTunerLayer):
@@ -180,8 +220,24 @@ class Linear(nn.Module, ASRLayer):
         h = nn.functional.linear(dropout(x).to(a.dtype), a)  # (..., in) -> (..., r)
         return result + (nn.functional.linear(h, b) * scaling).to(result.dtype)  # (..., r) -> (..., out)
 
-    @staticmethod
-    def _routed_delta(x, task_ids, tasks_a, tasks_b, dropout, scaling) -> torch.Tensor:
+    def _stacks(self, tasks_a: nn.ParameterDict, tasks_b: nn.ParameterDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every task's A (T, r, in) and B (T, out, r), stacked; cached while the parameters are unchanged.
+
+        The cache key holds each parameter's storage and version counter, so an optimizer step, a reload, a new task
+        or a move to another device rebuilds it. It is never used when gradients could flow into a subspace.
+        """
+        params = list(tasks_a.values()) + list(tasks_b.values())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return torch.stack(list(tasks_a.values())), torch.stack(list(tasks_b.values()))
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        cached = getattr(self, "_asr_stack_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, torch.stack(list(tasks_a.values())), torch.stack(list(tasks_b.values())))
+            self._asr_stack_cache = cached  # a plain attribute: not a buffer, never saved
+        return cached[1], cached[2]
+
+    def _routed_delta(self, x, task_ids, tasks_a, tasks_b, dropout, scaling) -> torch.Tensor:
         """Per-row LoRA update: row i uses class ``task_ids[i]`` (0 = no adapter, t+1 = t-th task)."""
         squeeze = x.dim() == 2
         if squeeze:
@@ -193,15 +249,9 @@ class Linear(nn.Module, ASRLayer):
                 )
             # encoder-decoder generation expands the encoder batch by num_beams after routing
             task_ids = task_ids.repeat_interleave(x.shape[0] // task_ids.shape[0])
-        a_all = torch.stack(list(tasks_a.values()))  # (T, r, in)
-        b_all = torch.stack(list(tasks_b.values()))  # (T, out, r)
-        index = (task_ids - 1).clamp(min=0)  # (B,) row -> task position; base rows are zeroed below
-        a = a_all.index_select(0, index)  # (B, r, in)
-        b = b_all.index_select(0, index)  # (B, out, r)
-        h = torch.bmm(dropout(x).to(a.dtype), a.transpose(1, 2))  # (B, L, in) @ (B, in, r) -> (B, L, r)
-        delta = torch.bmm(h, b.transpose(1, 2)) * scaling  # (B, L, r) @ (B, r, out) -> (B, L, out)
-        keep = (task_ids > 0).to(delta.dtype).view(-1, 1, 1)  # (B, 1, 1): 0 for the base route
-        delta = delta * keep
+        a_all, b_all = self._stacks(tasks_a, tasks_b)
+        kernel = gathered_delta if ROUTED_KERNEL == "gathered" else grouped_delta
+        delta = kernel(dropout(x), task_ids, a_all, b_all, scaling)
         return delta.squeeze(1) if squeeze else delta
 
     def __repr__(self) -> str:

@@ -335,8 +335,12 @@ class ASRModel(BaseTuner):
         finally:
             self.model.train(was_training)
 
-    def _pool(self, hidden: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """Router input from the hidden state entering the router block: (B, L, d) -> (B, d) float64."""
+    def _pool(self, hidden: torch.Tensor, inputs: Mapping[str, Any], strict: bool = True) -> torch.Tensor:
+        """Router input from the hidden state entering the router block: (B, L, d) -> (B, d) float64.
+
+        ``strict=False`` (the routed forward path): no host sync; a row with no prompt token pools to NaN and is
+        routed to the base model.
+        """
         mask = prompt_mask(
             inputs.get("attention_mask"),
             inputs.get("labels"),
@@ -345,7 +349,7 @@ class ASRModel(BaseTuner):
         )
         with torch.no_grad():
             normed = self._final_norm()(hidden)  # (B, L, d)
-        return masked_mean(normed, mask.to(hidden.device))  # (B, L, d) -> (B, d)
+        return masked_mean(normed, mask.to(hidden.device), strict=strict)  # (B, L, d) -> (B, d)
 
     def router_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Pooled router inputs (B, d) of a batch, running only the blocks below ``router_layer``.
@@ -469,7 +473,7 @@ class ASRModel(BaseTuner):
             if call.task_ids is not None:
                 return  # decode step of `generate`: keep the prompt pass's decision
             hidden = _hidden_from_call(args, kwargs)
-            pooled = self._pool(hidden, call.inputs or {})  # (B, d)
+            pooled = self._pool(hidden, call.inputs or {}, strict=False)  # (B, d), no host sync
             call.task_ids = router.predict(pooled).to(hidden.device)  # (B,)
 
         def hand_over(_module, args, kwargs):

@@ -96,6 +96,8 @@ class AnalyticRouter(nn.Module):
         # False after a bank is loaded without its statistics file: the router can route but not learn more.
         self.has_statistics = True
         self._dirty = False
+        self._fitted_key: Optional[tuple] = None  # host-side cache of `is_fitted` (see there)
+        self._fitted = False
 
     @property
     def dim(self) -> int:
@@ -224,7 +226,14 @@ class AnalyticRouter(nn.Module):
     # ------------------------------------------------------------------ prediction
     @property
     def is_fitted(self) -> bool:
-        return bool((self.class_counts > 0).any())
+        """Whether any class has samples. Checked on every routed forward, so the answer is cached on the host and
+        recomputed (one device sync) only when ``class_counts`` changes: a new tensor or an in-place update."""
+        counts = self.class_counts
+        key = (counts.data_ptr(), counts._version, counts.numel(), counts.device)
+        if key != self._fitted_key:
+            self._fitted = bool((counts > 0).any())
+            self._fitted_key = key
+        return self._fitted
 
     def scores(self, pooled: torch.Tensor) -> torch.Tensor:
         """Ridge scores ``phi @ W``: (B, d) -> (B, K) float64. Classes never fitted score ``-inf``."""
