@@ -1,0 +1,173 @@
+"""Scaling with the number of tasks T: router update time, routed forward time, bank size and memory.
+
+For T in ``--tasks`` (default 1, 4, 16, 64) an ASR bank with T tasks is built on the model (random subspaces, the
+router fitted on ``--per-task`` random pooled features per task), then:
+
+* router update per task: ``partial_fit`` of one more task's features + the lazy solve (the router part of
+  ``fit_router``; the feature pass in front of it does not depend on T, see perf_features.py);
+* routed forward: batch ``--batch`` x ``--length`` tokens, every row routed to a different task (as many as T allows);
+* bank on disk: ``save_pretrained`` with the router statistics (the default, needed to keep learning after a reload)
+  and without them (``save_router_statistics=False``: subspaces + solved router only);
+* memory: adapter parameters, router state (weight, counts, per-task Gram matrices) and the cached task stacks.
+
+Usage:
+    python benchmarks/perf_scaling.py
+    python benchmarks/perf_scaling.py --model stories --tasks 1 4 16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_causal_lm, machine_line, md_table, round_robin, save_json, versions, write_block  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--tasks", nargs="+", type=int, default=[1, 4, 16, 64])
+    p.add_argument("--per-task", type=int, default=64, help="pooled features per task for the router")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--router-layer", type=int, default=4)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-markdown", action="store_true")
+    return p.parse_args(argv)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def one_size(num_tasks: int, args) -> dict:
+    from peft import get_peft_model
+
+    import peft_asr  # noqa: F401
+    from peft_asr import ASRConfig
+    from peft_asr.layer import ASRLayer
+
+    model, _ = load_causal_lm(args.model, args.device, args.dtype)
+    d = model.config.hidden_size
+    router_layer = min(args.router_layer, model.config.num_hidden_layers // 2)
+    peft_model = get_peft_model(model, ASRConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=2 * args.rank,
+                                                 target_modules=["q_proj", "v_proj"], router_layer=router_layer))
+    start = time.perf_counter()
+    for k in range(num_tasks):
+        peft_model.add_task(f"task{k}")
+    add_s = time.perf_counter() - start
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "asr_" in name:
+                param.copy_(0.02 * torch.randn(param.shape, generator=g).to(param.dtype))
+    router = peft_model.base_model.router
+    centers = torch.randn(num_tasks + 1, d, generator=g, dtype=torch.float64)
+
+    def feats(k):
+        return centers[k] + 0.3 * torch.randn(args.per_task, d, generator=g, dtype=torch.float64)
+
+    for k in range(1, num_tasks + 1):
+        router.partial_fit(feats(k), k)
+    router.solve()
+    # router update for one more task: partial_fit + lazy solve, on a copy so every repetition starts alike
+    peft_model.add_task("extra")
+    extra = feats(num_tasks)
+    snapshot = router.snapshot()
+
+    def update():
+        router.restore(snapshot)
+        router.partial_fit(extra, num_tasks + 1)
+        router.solve()
+
+    timing = round_robin({"update": update}, args.reps, args.device)
+    router.restore(snapshot)
+    peft_model.remove_task("extra")
+    router.solve()
+
+    # routed forward: row i -> task i % T, routed by the router itself (fitted on the rows' own features)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (args.batch, args.length), generator=g).to(args.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    pooled = peft_model.router_features(batch)
+    for i in range(args.batch):
+        router.partial_fit(pooled[i: i + 1].repeat(8, 1), 1 + i % num_tasks)
+    peft_model.eval()
+    routes = peft_model.route(**batch)
+    distinct = len(set(routes))
+
+    def forward():
+        with torch.no_grad():
+            peft_model(**batch)
+
+    fwd = round_robin({"forward": forward}, args.reps, args.device)
+    layers = [m for m in peft_model.modules() if isinstance(m, ASRLayer)]
+    adapter_bytes = _bytes(p for n, p in peft_model.named_parameters() if "asr_" in n)
+    stack_bytes = sum(_bytes(m._asr_stack_cache[1:]) for m in layers if getattr(m, "_asr_stack_cache", None))
+    router_bytes = _bytes(router.buffers())
+    sizes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, keep in (("with_statistics", True), ("without_statistics", False)):
+            peft_model.peft_config["default"].save_router_statistics = keep
+            folder = Path(tmp) / label
+            peft_model.save_pretrained(folder)
+            sizes[label] = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    return {"tasks": num_tasks, "router_update_ms": round(1000 * timing["update"]["median_s"], 2),
+            "forward_ms": round(1000 * fwd["forward"]["median_s"], 1), "distinct_routes_in_batch": distinct,
+            "bank_bytes": sizes, "adapter_bytes": adapter_bytes, "router_state_bytes": router_bytes,
+            "stack_cache_bytes": stack_bytes, "add_task_s": round(add_s, 3), "E": router.dim}
+
+
+def markdown(results: dict) -> str:
+    rows = []
+    for r in results["sizes"]:
+        rows.append([r["tasks"], f"{r['router_update_ms']:.1f}", f"{r['forward_ms']:.0f}", r["distinct_routes_in_batch"],
+                     f"{r['bank_bytes']['with_statistics'] / 1e6:.2f}", f"{r['bank_bytes']['without_statistics'] / 1e6:.2f}",
+                     f"{r['adapter_bytes'] / 1e6:.2f}", f"{r['router_state_bytes'] / 1e6:.2f}",
+                     f"{r['stack_cache_bytes'] / 1e6:.2f}"])
+    first, last = results["sizes"][0], results["sizes"][-1]
+    span = last["tasks"] - first["tasks"]
+    slope = {k: (last["bank_bytes"][k] - first["bank_bytes"][k]) / span / 1e6 for k in first["bank_bytes"]} if span else {}
+    lines = ["## Scaling with the number of tasks (`benchmarks/perf_scaling.py`)", "",
+             f"Command: `{results['command']}`", "", machine_line(results["versions"]), "",
+             f"Model {results['model']} ({results['dtype']}), LoRA r {results['rank']} on q_proj, v_proj; router "
+             f"E = {first['E']}, per-task statistics kept (the default). Router update = `partial_fit` of one more "
+             f"task ({results['per_task']} features) + the lazy solve; forward = batch {results['batch']} x "
+             f"{results['length']} tokens, rows routed to as many different tasks as T allows. Medians.", "",
+             md_table(["T", "router update (ms)", "routed forward (ms)", "tasks in the batch", "bank MB (with stats)",
+                       "bank MB (no stats)", "adapters MB", "router state MB", "task-stack cache MB"], rows), ""]
+    if slope:
+        lines += [f"Bank size slope from T = {first['tasks']} to {last['tasks']}: "
+                  f"{slope['with_statistics']:.3f} MB per task with the statistics (subspaces + one E x E Gram "
+                  f"matrix), {slope['without_statistics']:.3f} MB per task without them (subspaces + E router "
+                  f"weights).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = {"command": "python benchmarks/perf_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "versions": versions(args.device), "model": args.model, "dtype": args.dtype, "rank": args.rank,
+               "batch": args.batch, "length": args.length, "per_task": args.per_task, "sizes": []}
+    for t in args.tasks:
+        print(f"T = {t} ...", flush=True)
+        results["sizes"].append(one_size(t, args))
+        print(results["sizes"][-1], flush=True)
+    save_json("perf_scaling", results)
+    if not args.no_markdown:
+        write_block("perf_scaling", markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
