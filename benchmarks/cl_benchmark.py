@@ -82,14 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--train-per-task", type=int, default=None,
                    help="training rows per task (default: steps x batch size, i.e. one epoch)")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per task")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eval-per-task", type=int, default=20)
-    p.add_argument("--eval-batch-size", type=int, default=20)
+    p.add_argument("--eval-per-task", type=int, default=16)
+    p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--eval-scope", choices=["seen+next", "all"], default="seen+next")
-    p.add_argument("--max-length", type=int, default=128, help="prompt + answer tokens (prompts left-truncated)")
-    p.add_argument("--max-new-tokens", type=int, default=6)
+    p.add_argument("--max-length", type=int, default=96, help="prompt + answer tokens (prompts left-truncated)")
+    p.add_argument("--max-new-tokens", type=int, default=5)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=int, default=16)
     p.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
@@ -103,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="Trainer output folders (default: a temporary folder)")
     p.add_argument("--no-resume", action="store_true", help="run every method even if its result is saved")
     p.add_argument("--no-markdown", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the plots and the RESULTS.md tables from the saved JSON files")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.train_per_task is None:
         args.train_per_task = args.steps * args.batch_size
@@ -450,7 +453,9 @@ def write_markdown(all_data: dict[str, dict], path: Path = RESULTS_MD) -> None:
     s = first["settings"]
     v = first["versions"]
     body = [MARK_START, "## Continual-learning benchmark (`benchmarks/cl_benchmark.py`)", "",
-            f"Command: `{first['command']}`", "",
+            "Commands (each stream JSON keeps the commands that filled it): " + "; ".join(
+                f"`{c}`" for c in dict.fromkeys(c for d in all_data.values() for c in d.get("commands", []))) + ".",
+            "",
             f"Model {s['model'] or 'SmolLM2-135M-Instruct (embedded)'}, {s['dtype']}; {s['steps']} steps x batch "
             f"{s['batch_size']} per task ({s['train_per_task']} training rows), lr {s['lr']}, LoRA r {s['rank']} / "
             f"alpha {s['alpha']} on {', '.join(s['targets'])}, ASR router layer {s['router_layer']}; "
@@ -506,9 +511,13 @@ def main(argv=None) -> int:
     from peft_asr.continual import evaluate_tasks
 
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        return report(out_dir, args)
     command = "python benchmarks/cl_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     streams = {}
     for name in args.streams:
@@ -529,7 +538,8 @@ def main(argv=None) -> int:
         if data.get("settings") != settings_of(args):
             data = {}
         data.update({"stream": name, "tasks": [t.name for t in tasks], "settings": settings_of(args),
-                     "versions": versions(), "command": command})
+                     "versions": versions()})
+        data["commands"] = list(dict.fromkeys(data.get("commands", []) + [command]))
         data.setdefault("methods", {})
         print(f"== stream {name}: {' -> '.join(data['tasks'])}", flush=True)
         if "baseline" not in data:
@@ -541,11 +551,11 @@ def main(argv=None) -> int:
         baseline = data["baseline"]
         work = work_root / name
         for method in args.methods:
+            if method == "oracle":
+                continue  # measured together with asr, on the same subspaces
             if method in data["methods"]:
                 print(f"  [{method}] already measured (resume); pass --no-resume to run it again")
                 continue
-            if method == "oracle":
-                continue  # measured together with asr
             if method == "asr":
                 asr, oracle = run_asr(model, tokenizer, tasks, baseline, args, work)
                 data["methods"]["asr"] = asr
@@ -555,8 +565,24 @@ def main(argv=None) -> int:
                 data["methods"][method] = RUNNERS[method](model, tokenizer, tasks, baseline, args, work)
             path.write_text(json.dumps(data, indent=1))  # after every method: a crash loses one method at most
         plot_stream(name, data, out_dir)
-        all_data[name] = data
         print(stream_markdown(name, data), flush=True)
+    if not args.no_markdown:
+        report(out_dir, args, plots=False)
+    return 0
+
+
+def report(out_dir: Path, args, plots: bool = True) -> int:
+    """Tables of every stream saved in ``out_dir`` (streams may be run by separate processes) into RESULTS.md."""
+    all_data = {}
+    for name in STREAMS:
+        path = out_dir / f"cl_{name}.json"
+        if path.exists():
+            all_data[name] = json.loads(path.read_text())
+            if plots:
+                plot_stream(name, all_data[name], out_dir)
+    if not all_data:
+        print(f"no results in {out_dir}; run the benchmark first.")
+        return 1
     if not args.no_markdown:
         write_markdown(all_data)
     return 0
