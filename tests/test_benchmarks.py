@@ -56,7 +56,7 @@ def test_olora_penalty_is_zero_for_orthogonal_subspaces_and_grows_with_overlap(c
 def test_stream_markdown_and_results_md_block(cl, tmp_path):
     tasks = ["a", "b"]
     data = {
-        "tasks": tasks, "baseline": [0.1, 0.2], "command": "python benchmarks/cl_benchmark.py",
+        "tasks": tasks, "baseline": [0.1, 0.2], "commands": ["python benchmarks/cl_benchmark.py"],
         "settings": {"model": None, "dtype": "float32", "steps": 2, "batch_size": 2, "train_per_task": 4, "lr": 1e-3,
                      "rank": 8, "alpha": 16, "targets": ["q_proj"], "router_layer": 4, "eval_per_task": 2,
                      "max_new_tokens": 2, "max_length": 64, "eval_scope": "seen+next", "seed": 0},
