@@ -111,3 +111,43 @@ def two_task_model(base=None, router_layer: int = 2, **config):
     model.fit_router([left_pad(prompts(*ALPHA_IDS, 48, seed=1))], task="alpha", progress=False)
     model.fit_router([left_pad(prompts(*BETA_IDS, 48, seed=2))], task="beta", progress=False)
     return model.eval()
+
+
+class PromptAnswerData(torch.utils.data.Dataset):
+    """Rows of prompt + answer tokens; labels mask the prompt with -100."""
+
+    def __init__(self, lo, hi, n, seed):
+        self.rows = []
+        for prompt in prompts(lo, hi, n, seed=seed):
+            answer = [lo, lo + 1, 2]
+            self.rows.append((prompt, answer))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        prompt, answer = self.rows[i]
+        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+
+
+def collate(rows):
+    """Right-padded batch; labels padded with -100."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(r["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread is faster, and much faster on a loaded machine (no oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALPHA_IDS, BETA_IDS, prompts, tiny_llama
+from conftest import ALPHA_IDS, BETA_IDS, PromptAnswerData, collate, tiny_llama
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -148,30 +148,7 @@ def test_save_into_a_file_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- resume from a Trainer checkpoint
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, lo, hi, n, seed):
-        self.rows = [(p, [lo, lo + 1, 2]) for p in prompts(lo, hi, n, seed=seed)]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        prompt, answer = self.rows[i]
-        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
-
-
-def _collate(rows):
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(r["input_ids"]), 1, torch.tensor(r["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-DATA = {"alpha": _Rows(*ALPHA_IDS, 24, seed=1), "beta": _Rows(*BETA_IDS, 24, seed=2)}
+DATA = {"alpha": PromptAnswerData(*ALPHA_IDS, 24, seed=1), "beta": PromptAnswerData(*BETA_IDS, 24, seed=2)}
 
 
 class _Crash(TrainerCallback):
@@ -189,7 +166,7 @@ def _trainer(model, task, out, callbacks=(), **kw):
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=5e-3, max_steps=6,
                              report_to=[], save_strategy="steps", save_steps=3, logging_strategy="no", use_cpu=True,
                              disable_tqdm=True, seed=0, **kw)
-    return Trainer(model=model, args=args, train_dataset=DATA[task], data_collator=_collate,
+    return Trainer(model=model, args=args, train_dataset=DATA[task], data_collator=collate,
                    callbacks=[ASRCallback(progress=False), *callbacks])
 
 

@@ -20,13 +20,7 @@ import peft_asr  # noqa: F401
 from peft_asr import ASRConfig, ASRConfigError, RouterNumericalError
 from peft_asr.router import AnalyticRouter
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and much faster on a loaded machine (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread, no oversubscription
 
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

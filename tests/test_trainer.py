@@ -4,43 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALPHA_IDS, BETA_IDS, left_pad, prompts, tiny_llama
+from conftest import ALPHA_IDS, BETA_IDS, PromptAnswerData, collate, left_pad, prompts, tiny_llama
 from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import peft_asr  # noqa: F401
 from peft_asr import ASRCallback, ASRConfig
-
-
-class PromptAnswerData(torch.utils.data.Dataset):
-    """Rows of prompt + answer tokens; labels mask the prompt with -100."""
-
-    def __init__(self, lo, hi, n, seed):
-        self.rows = []
-        for prompt in prompts(lo, hi, n, seed=seed):
-            answer = [lo, lo + 1, 2]
-            self.rows.append((prompt, answer))
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        prompt, answer = self.rows[i]
-        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
-
-
-def collate(rows):
-    """Right-padded batch; labels padded with -100."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(r["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _args(out, **kw):
