@@ -135,8 +135,8 @@ def run_variant(variant: str, setting: str, feats: torch.Tensor, labels: torch.T
         for x, y in zip(phi, targets):  # one sample at a time, as the paper's code
             rx = r @ x  # (E,)
             k = rx / (1.0 + x @ rx)  # (E,) gain
-            w += torch.outer(k, y - x @ w)  # (E, K)
-            r -= torch.outer(k, rx)  # (E, E) rank-1 downdate
+            w.addr_(k, y - x @ w)  # (E, K) += k (y - x W)
+            r.addr_(k, rx, alpha=-1.0)  # (E, E) rank-1 downdate, in place (no E x E temporary per sample)
         return w.double(), time.perf_counter() - start
     if variant in ("lazy_fp64", "solve_each_task"):
         start = time.perf_counter()
