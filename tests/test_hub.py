@@ -160,7 +160,12 @@ class FakeHub:
 
 
 @pytest.fixture
-def hub():
+def hub(monkeypatch):
+    """A local Hub; offline mode (set by CI for the rest of the suite) is lifted for the upload calls only."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with FakeHub() as server:
         yield server
 
