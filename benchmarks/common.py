@@ -42,6 +42,22 @@ def machine_line(v: dict) -> str:
             f"peft-asr {v['peft_asr']}, python {v['python']}.")
 
 
+def add_device_args(parser, model_dtype_help: str = "model dtype") -> None:
+    """``--device`` / ``--dtype``, the same on every benchmark, so one script runs on a CPU or a GPU unchanged."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=model_dtype_help)
+
+
+def finish(name: str, results: dict, markdown, no_markdown: bool) -> int:
+    """Save ``results`` as JSON, put its table into RESULTS.md (unless ``no_markdown``) and print it."""
+    save_json(name, results)
+    text = markdown(results)
+    if not no_markdown:
+        write_block(name, text)
+    print(text)
+    return 0
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_causal_lm, machine_line, md_table, round_robin, save_json, versions, write_block  # noqa: E402
+from common import add_device_args, finish, load_causal_lm, machine_line, md_table, round_robin, versions  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,8 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_args(p)
     p.add_argument("--no-markdown", action="store_true")
     return p.parse_args(argv)
 
@@ -67,11 +66,7 @@ def main(argv=None) -> int:
         results["layers"].append(entry)
         print(entry, flush=True)
         model = peft_model.unload()
-    save_json("perf_features", results)
-    if not args.no_markdown:
-        write_block("perf_features", markdown(results))
-    print(markdown(results))
-    return 0
+    return finish("perf_features", results, markdown, args.no_markdown)
 
 
 def full_peft(peft_model, batch) -> None:

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (STORIES, load_causal_lm, machine_line, md_table, round_robin, save_json,  # noqa: E402
-                    versions, write_block)
+from common import (STORIES, add_device_args, load_causal_lm, machine_line, md_table,  # noqa: E402
+                    round_robin, save_json, versions, write_block)
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -45,8 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--router-layer", type=int, default=4)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--gen-reps", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_args(p)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--profile-only", action="store_true", help="only the profile (e.g. against an older checkout)")
     p.add_argument("--no-markdown", action="store_true")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_causal_lm, machine_line, md_table, round_robin, save_json, versions, write_block  # noqa: E402
+from common import add_device_args, finish, load_causal_lm, machine_line, md_table, round_robin, versions  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,8 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--router-layer", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_args(p)
     p.add_argument("--no-markdown", action="store_true")
     return p.parse_args(argv)
 
@@ -162,11 +161,7 @@ def main(argv=None) -> int:
         print(f"T = {t} ...", flush=True)
         results["sizes"].append(one_size(t, args))
         print(results["sizes"][-1], flush=True)
-    save_json("perf_scaling", results)
-    if not args.no_markdown:
-        write_block("perf_scaling", markdown(results))
-    print(markdown(results))
-    return 0
+    return finish("perf_scaling", results, markdown, args.no_markdown)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, md_table, save_json, versions, write_block  # noqa: E402
+from common import finish, machine_line, md_table, versions  # noqa: E402
 
 TRACE_ORDER = ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
 OLORA_LONG_ORDER = ["yelp", "amazon", "MNLI", "CB", "COPA", "QQP", "RTE", "IMDB", "SST-2", "dbpedia", "agnews",
@@ -145,11 +145,7 @@ def main(argv=None) -> int:
                "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "streams": {}}
     for name, tasks in streams(feats).items():
         results["streams"][name] = run(name, tasks, feats, args)
-    save_json("router_bp_ablation", results)
-    if not args.no_markdown:
-        write_block("router_bp_ablation", markdown(results))
-    print(markdown(results))
-    return 0
+    return finish("router_bp_ablation", results, markdown, args.no_markdown)
 
 
 if __name__ == "__main__":
