@@ -15,7 +15,6 @@ from .model import ASRModel  # noqa: E402
 from .router import AnalyticRouter  # noqa: E402
 from .errors import ASRConfigError, ASRConfigTypeError, ASRError, BankError, RouterNumericalError  # noqa: E402
 from .hub import recover_bank  # noqa: E402
-from . import hub_upload  # noqa: E402,F401  (keeps the bank's card and files on push_to_hub)
 
 __version__ = "0.1.0"
 

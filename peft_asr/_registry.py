@@ -10,7 +10,9 @@ What we rely on (pinned by ``tests/test_registry_contract.py``; ``peft`` is pinn
    ``PeftModel.load_adapter(model_id, adapter_name, ...)``: we wrap both so that an ASR bank also writes and reads
    its optional router-statistics file and its model card. The wrappers do nothing for other PEFT methods.
    ``PeftModel.from_pretrained(model, model_id, adapter_name, ..., subfolder=...)`` is wrapped too, so that a bank is
-   checked (and an interrupted save finished) *before* PEFT injects layers into the base model.
+   checked (and an interrupted save finished) *before* PEFT injects layers into the base model, and
+   ``PeftModel.push_to_hub(repo_id, ...)`` (transformers' ``PushToHubMixin``), so that an ASR bank is uploaded with
+   its own model card in one commit (``peft_asr.hub_upload``).
 4. ``PeftModel._enable_peft_forward_hooks`` calls ``base_model._enable_peft_forward_hooks(*args, **kwargs)`` as a
    context around every forward and ``generate``; our routing hooks live in that context.
 
@@ -85,9 +87,22 @@ def _wrap_bank_io() -> None:
         preflight(model_id, kwargs.get("subfolder"))  # a no-op for other PEFT methods and for Hub ids
         return original_from_pretrained(cls, model, model_id, *args, **kwargs)
 
+    original_push = PeftModel.push_to_hub
+
+    @functools.wraps(original_push)
+    def push_to_hub(self, repo_id, *args, **kwargs):
+        from .hub import is_asr_model
+        from .hub_upload import push_bank_to_hub
+
+        if not is_asr_model(self):
+            return original_push(self, repo_id, *args, **kwargs)
+        return push_bank_to_hub(self, repo_id, *args, **kwargs)
+
     setattr(save_pretrained, _MARK, True)
     setattr(load_adapter, _MARK, True)
     setattr(from_pretrained, _MARK, True)
+    setattr(push_to_hub, _MARK, True)
+    PeftModel.push_to_hub = push_to_hub
     PeftModel.save_pretrained = save_pretrained
     PeftModel.load_adapter = load_adapter
     PeftModel.from_pretrained = classmethod(from_pretrained)

@@ -12,11 +12,11 @@ card included, and nothing else:
    earlier push when this save has none (a stale statistics file would not match the new router weight, and loading
    the bank would refuse it).
 
-:func:`install` wraps ``PeftModel.push_to_hub`` so that ASR banks take this path; other PEFT methods are untouched.
-Importing this module installs the wrapper (idempotent).
+``import peft_asr`` makes ``PeftModel.push_to_hub`` take this path for ASR banks (the wrapper lives in
+``peft_asr._registry``, the one module that touches PEFT internals); other PEFT methods are untouched.
 
 Example:
-    >>> import peft_asr.hub_upload
+    >>> import peft_asr
     >>> from peft import PeftModel
     >>> getattr(PeftModel.push_to_hub, "__peft_asr_wrapped__", False)
     True
@@ -24,14 +24,12 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 from typing import Optional, Union
 
-__all__ = ["push_bank_to_hub", "install"]
+__all__ = ["push_bank_to_hub"]
 
-_MARK = "__peft_asr_wrapped__"
 DEFAULT_COMMIT_MESSAGE = "Upload Analytic Subspace Routing bank"
 
 
@@ -132,27 +130,3 @@ def _statistics_paths(peft_model, filename: str) -> list[str]:
     # PEFT saves the adapter called "default" at the top of the folder, others in a sub-folder named after them
     adapter = peft_model.base_model._adapter
     return [filename if adapter == "default" else f"{adapter}/{filename}"]
-
-
-def install() -> None:
-    """Make ``PeftModel.push_to_hub`` use :func:`push_bank_to_hub` for ASR banks (idempotent)."""
-    from peft import PeftModel
-
-    if getattr(PeftModel.push_to_hub, _MARK, False):
-        return
-    original = PeftModel.push_to_hub
-
-    @functools.wraps(original)
-    def push_to_hub(self, repo_id, *args, **kwargs):
-        from .hub import is_asr_model
-
-        if not is_asr_model(self):
-            return original(self, repo_id, *args, **kwargs)
-        return push_bank_to_hub(self, repo_id, *args, **kwargs)
-
-    push_to_hub.__doc__ = push_bank_to_hub.__doc__
-    setattr(push_to_hub, _MARK, True)
-    PeftModel.push_to_hub = push_to_hub
-
-
-install()

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 import peft_asr  # noqa: F401
-import peft_asr.hub_upload  # noqa: F401  (wraps PeftModel.push_to_hub for ASR banks)
+import peft_asr  # noqa: F401  (wraps PeftModel.push_to_hub for ASR banks)
 from conftest import ALPHA_IDS, BETA_IDS, left_pad, prompts, two_task_model
 
 TESTS = Path(__file__).resolve().parent

@@ -52,6 +52,9 @@ def test_peft_signatures_we_wrap_or_call():
     assert list(save)[:3] == ["self", "save_directory", "safe_serialization"] and "is_main_process" in save
     load = inspect.signature(PeftModel.load_adapter.__wrapped__).parameters
     assert list(load)[:3] == ["self", "model_id", "adapter_name"]
+    push = inspect.signature(PeftModel.push_to_hub.__wrapped__).parameters
+    assert list(push)[:2] == ["self", "repo_id"]
+    assert getattr(PeftModel.push_to_hub, "__peft_asr_wrapped__", False)
     assert hasattr(PeftModel, "_enable_peft_forward_hooks")
     src = inspect.getsource(PeftModel._enable_peft_forward_hooks)
     assert "base_model._enable_peft_forward_hooks" in src
