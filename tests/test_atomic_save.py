@@ -38,6 +38,16 @@ def forkserver():
     return ctx
 
 
+def _wait_for_save_start(log: Path, timeout: float) -> None:
+    """Poll the child's log until its last line says a save of the bank has begun (``b <step>``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = log.read_text().split("\n") if log.exists() else []
+        if len(lines) >= 2 and lines[-2].startswith("b "):
+            return
+        time.sleep(0.0005)
+
+
 def _kill_trials(ctx, root: Path, trials: int, use_exchange: bool, seed: int) -> dict:
     import atomic_save_worker as worker
 
@@ -52,7 +62,11 @@ def _kill_trials(ctx, root: Path, trials: int, use_exchange: bool, seed: int) ->
         child = ctx.Process(target=worker.save_loop, args=(str(folder), use_exchange, ready), daemon=True)
         child.start()
         assert ready.wait(120), "the saving child never got going"
-        time.sleep(rng.uniform(0.0, 0.25))
+        if trial % 2:
+            time.sleep(rng.uniform(0.0, 0.25))  # anywhere in the loop
+        else:
+            _wait_for_save_start(folder / "log", timeout=30.0)  # aim inside a save: it starts, then a short delay
+            time.sleep(rng.uniform(0.0, 0.01))
         child.kill()  # SIGKILL: no finally, no atexit, no flush
         child.join()
         assert child.exitcode == -9
