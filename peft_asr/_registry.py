@@ -15,6 +15,12 @@ What we rely on (pinned by ``tests/test_registry_contract.py``; ``peft`` is pinn
    its own model card in one commit (``peft_asr.hub_upload``).
 4. ``PeftModel._enable_peft_forward_hooks`` calls ``base_model._enable_peft_forward_hooks(*args, **kwargs)`` as a
    context around every forward and ``generate``; our routing hooks live in that context.
+5. ``PeftModel.special_peft_forward_args`` (an instance attribute set in ``__init__``) names the keyword arguments
+   that ``forward``/``generate`` pass to that context and strip before calling the base model; ``PeftModel.__init__``
+   is wrapped to add ``task_names`` for ASR models. The ``generate`` methods of ``PeftModel``,
+   ``PeftModelForCausalLM`` and ``PeftModelForSeq2SeqLM`` are wrapped to enter ``ASRModel.generate_scope``, so the
+   context knows a ``generate`` from a ``forward`` (a generate routes on its prompt whatever ``model.training``
+   says; a training-mode forward uses the task being trained).
 
 Registration is idempotent: importing ``peft_asr`` twice, or reloading it, registers once.
 """
@@ -98,6 +104,7 @@ def _wrap_bank_io() -> None:
             return original_push(self, repo_id, *args, **kwargs)
         return push_bank_to_hub(self, repo_id, *args, **kwargs)
 
+    _wrap_generate_and_init()
     setattr(save_pretrained, _MARK, True)
     setattr(load_adapter, _MARK, True)
     setattr(from_pretrained, _MARK, True)
@@ -106,6 +113,47 @@ def _wrap_bank_io() -> None:
     PeftModel.save_pretrained = save_pretrained
     PeftModel.load_adapter = load_adapter
     PeftModel.from_pretrained = classmethod(from_pretrained)
+
+
+GENERATE_CLASSES = ("PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM")
+TASK_NAMES_ARG = "task_names"
+
+
+def _wrap_generate_and_init() -> None:
+    """``task_names`` as a special forward argument of ASR models, and ``generate`` inside the generate scope."""
+    from peft import peft_model
+    from peft.peft_model import PeftModel
+
+    original_init = PeftModel.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        from .hub import is_asr_model
+
+        original_init(self, *args, **kwargs)
+        if is_asr_model(self):
+            self.special_peft_forward_args = set(self.special_peft_forward_args) | {TASK_NAMES_ARG}
+
+    setattr(__init__, _MARK, True)
+    PeftModel.__init__ = __init__
+    for name in GENERATE_CLASSES:
+        cls = getattr(peft_model, name)
+        original = cls.__dict__["generate"]
+
+        def make(original):
+            @functools.wraps(original)
+            def generate(self, *args, **kwargs):
+                from .hub import is_asr_model
+
+                if not is_asr_model(self):
+                    return original(self, *args, **kwargs)
+                with self.base_model.generate_scope():
+                    return original(self, *args, **kwargs)
+
+            setattr(generate, _MARK, True)
+            return generate
+
+        cls.generate = make(original)
 
 
 def register() -> None:

@@ -1,11 +1,16 @@
 """`ASRCallback`: the Trainer callback of Analytic Subspace Routing. Thin: it only calls `ASRModel` methods.
 
-* ``on_train_begin``: pin the model to the task being trained, so evaluation during training measures that task
-  (the router does not know it yet).
-* ``on_train_end``: unpin, then run one no-grad pass of the blocks below ``router_layer`` over the task's training
-  prompts (the train dataset, read in order and sharded by process rank, each prompt exactly once whatever the number
-  of epochs or what a distributed sampler repeats) and fold them into the router; in distributed runs the statistics
-  of this pass are summed across processes, so every rank holds the same router.
+* ``on_train_begin``: check, before any training step, that the model has a task being trained and that the train
+  data gives batches the router pass can read (one batch goes through the router's checks and shallow blocks), so
+  a problem shows now, not after the whole run.
+* Evaluation during training (``eval_strategy``, ``eval_on_start``): the model is pinned to the task being trained
+  for the evaluation only (the router does not know that task yet), and unpinned when it ends. Training steps need no
+  pin: a training-mode forward uses the task being trained. So a run that dies leaves no pin behind, unless it dies
+  inside an evaluation; then the next ``on_train_begin`` (or the callback's garbage collection) releases it.
+* ``on_train_end``: run one no-grad pass of the blocks below ``router_layer`` over the task's training prompts (the
+  train dataset, read in order and sharded by process rank, each prompt exactly once whatever the number of epochs
+  or what a distributed sampler repeats; packed rows are split into their examples) and fold them into the router;
+  in distributed runs the statistics of this pass are summed across processes, so every rank holds the same router.
 
 Custom training loops call the same methods: ``model.add_task(name)``, train, ``model.fit_router(batches, task=name)``.
 """
@@ -66,27 +71,70 @@ class ASRCallback(TrainerCallback):
             raise RuntimeError("ASRCallback: no task is being trained; call `model.add_task(name)` before training.")
         return task
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        model = _unwrap(model)
+    def _router_batches(self, args, train_dataloader, rank: int, world: int):
+        if train_dataloader is None:
+            raise RuntimeError("ASRCallback needs the Trainer's train dataloader to fit the router.")
+        dataset = getattr(train_dataloader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "__len__") and train_dataloader.collate_fn is not None:
+            # read the dataset itself, sharded by rank: each prompt once, whatever the sampler repeats or shuffles
+            return shard_batches(dataset, train_dataloader.collate_fn, batch_size=args.per_device_train_batch_size,
+                                 rank=rank, world_size=world)
+        if world == 1:
+            return train_dataloader  # an iterable dataset: one pass over the loader
+        raise RuntimeError("ASRCallback needs a map-style train dataset in distributed runs (to count each prompt once).")
+
+    def _pin_for_evaluation(self, model) -> None:
         self._pin.close()
         self._pin.enter_context(model.use_task(self._task(model)))
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        model = _unwrap(model)
+        self._pin.close()  # a pin left by an evaluation of an earlier run that died
+        if not hasattr(model, "fit_router"):
+            raise TypeError(
+                f"ASRCallback needs an ASR model (`get_peft_model(model, ASRConfig(...))`), got {type(model).__name__}."
+            )
+        if model.training_task is None and self.task is None:
+            raise RuntimeError(
+                "ASRCallback: no task is being trained. Call `model.add_task(name)` before training; with TRL, wrap "
+                "the model yourself (`model = get_peft_model(base, ASRConfig(...)); model.add_task(name)`) and pass "
+                "it as `SFTTrainer(model=model, ...)` instead of `peft_config=ASRConfig(...)`, which leaves no task."
+            )
+        if train_dataloader is not None:
+            rank, world = _rank_and_world()
+            first = next(iter(self._router_batches(args, train_dataloader, rank, world)), None)
+            if first is None:
+                raise ValueError("ASRCallback: the train dataset gives no batch, so the router would learn nothing.")
+            model.router_features(first)  # the router pass's checks, on one batch, before any training step
+        if getattr(args, "eval_on_start", False):
+            self._pin_for_evaluation(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_evaluate:
+            self._pin_for_evaluation(_unwrap(model))
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if control.should_evaluate:
+            self._pin_for_evaluation(_unwrap(model))
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._pin.close()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._pin.close()
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         model = _unwrap(model)
         self._pin.close()
-        if train_dataloader is None:
-            raise RuntimeError("ASRCallback needs the Trainer's train dataloader to fit the router.")
         rank, world = _rank_and_world()
-        dataset = getattr(train_dataloader, "dataset", None)
-        if dataset is not None and hasattr(dataset, "__len__") and train_dataloader.collate_fn is not None:
-            # read the dataset itself, sharded by rank: each prompt once, whatever the sampler repeats or shuffles
-            batches = shard_batches(dataset, train_dataloader.collate_fn, batch_size=args.per_device_train_batch_size,
-                                    rank=rank, world_size=world)
-        elif world == 1:
-            batches = train_dataloader  # an iterable dataset: one pass over the loader
-        else:
-            raise RuntimeError("ASRCallback needs a map-style train dataset in distributed runs (to count each prompt once).")
+        batches = self._router_batches(args, train_dataloader, rank, world)
         start = time.perf_counter()
         model.fit_router(batches, task=self._task(model), progress=self.progress and state.is_local_process_zero,
                          reduce_sum=_all_reduce_sum if world > 1 else None)
         self.fit_seconds = time.perf_counter() - start
+
+    def __del__(self):
+        try:
+            self._pin.close()
+        except Exception:  # interpreter shutdown: the model may be half torn down already
+            pass

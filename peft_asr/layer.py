@@ -5,7 +5,9 @@ only ever sees task ``t``'s tensors: old subspaces stay bit-identical, weight de
 
 The layer applies either
 
-* one task to every row (``active_task``: the task being trained, or the one pinned by ``use_task``), or
+* one task to every row: the task pinned by ``use_task`` (``active_task``; ``"__base__"`` is the plain base layer),
+  or, in training mode, the task being trained (``trainable_task``; configuration, so gradient-checkpointing
+  recomputation outside the forward call sees it too), or
 * one task *per row* when the routing pass hands it ``asr_task_ids`` (B,) through a scoped forward pre-hook
   (class 0 = base route: no adapter; class t+1 = ``tasks[t]``). The per-row path (`gathered_delta`) gathers each
   row's A/B from the stacked task matrices and runs two batched matmuls, with no Python loop over tasks and no device
@@ -13,6 +15,10 @@ The layer applies either
   routed forward does not copy T * r * (in + out) numbers per layer. `grouped_delta` (one matmul per task present,
   which needs the host to know the tasks of the batch) is the exact reference it is tested and benchmarked against;
   ``ROUTED_KERNEL`` selects it.
+
+A layer that gets none of these (an eval-mode call that bypassed the routing context, e.g. the inner model called
+directly) raises instead of silently answering with some task, and a row count it cannot map to the decisions
+raises too: the decisions are expanded for beams by the tuner's hand-over hook, never guessed here.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .config import BASE_ROUTE
 
 __all__ = ["ASRLayer", "Linear", "gathered_delta", "grouped_delta", "ROUTED_KERNELS"]
 
@@ -76,7 +84,8 @@ class ASRLayer(BaseTunerLayer):
         self.asr_r: dict[str, int] = {}
         self.asr_scaling: dict[str, float] = {}
         # Which task a layer applies when no per-row routing is handed in: configuration set by ASRModel (the task
-        # being trained, or the task pinned by `use_task`), like PEFT's active adapter. Never per-call state.
+        # pinned by `use_task`, BASE_ROUTE for the base model; in training mode the task being trained), like PEFT's
+        # active adapter. Never per-call state.
         self.active_task: Optional[str] = None
         self.trainable_task: Optional[str] = None
         self._merged_task: Optional[str] = None
@@ -161,10 +170,10 @@ class ASRLayer(BaseTunerLayer):
         if self.merged:
             return
         task = self.active_task
-        if task is None:
+        if task is None or task == BASE_ROUTE:
             raise ValueError(
                 "an ASR bank routes each input to its own task, so it cannot be merged as a whole; pin one task: "
-                "`with model.use_task('name'): model.merge_and_unload()` or `model.merge_and_unload(task='name')`."
+                "`with model.use_task('name'): model.merge_adapter()` or `model.merge_and_unload(task='name')`."
             )
         adapter = self.active_adapters[0]
         base = self.get_base_layer()
@@ -214,9 +223,18 @@ class Linear(nn.Module, ASRLayer):
         dropout, scaling = self.asr_dropout[adapter], self.asr_scaling[adapter]
         if asr_task_ids is not None:
             return result + self._routed_delta(x, asr_task_ids, tasks_a, tasks_b, dropout, scaling).to(result.dtype)
-        if self.active_task is None:
+        task = self.active_task
+        if task is None:
+            if not (self.training and self.trainable_task is not None):
+                raise RuntimeError(
+                    "an ASR layer ran without a routing decision: call the model through its PeftModel "
+                    "(`model(...)` / `model.generate(...)`, which route every row), pass `task_names=[...]`, or pin a "
+                    "task with `model.use_task(name)`."
+                )
+            task = self.trainable_task  # a training forward (or its gradient-checkpointing recomputation)
+        if task == BASE_ROUTE:
             return result  # base route: the plain base layer
-        a, b = tasks_a[self.active_task], tasks_b[self.active_task]
+        a, b = tasks_a[task], tasks_b[task]
         h = nn.functional.linear(dropout(x).to(a.dtype), a)  # (..., in) -> (..., r)
         return result + (nn.functional.linear(h, b) * scaling).to(result.dtype)  # (..., r) -> (..., out)
 
@@ -243,12 +261,10 @@ class Linear(nn.Module, ASRLayer):
         if squeeze:
             x = x.unsqueeze(1)  # (B, in) -> (B, 1, in)
         if x.shape[0] != task_ids.shape[0]:
-            if x.shape[0] % task_ids.shape[0] != 0:
-                raise RuntimeError(
-                    f"routed batch has {task_ids.shape[0]} decisions but a layer received {x.shape[0]} rows."
-                )
-            # encoder-decoder generation expands the encoder batch by num_beams after routing
-            task_ids = task_ids.repeat_interleave(x.shape[0] // task_ids.shape[0])
+            raise RuntimeError(
+                f"the routed call has {task_ids.shape[0]} routing decisions but an adapted layer received "
+                f"{x.shape[0]} rows; pass one `task_names` entry per row, or call the model on the batch that was routed."
+            )
         a_all, b_all = self._stacks(tasks_a, tasks_b)
         kernel = gathered_delta if ROUTED_KERNEL == "gathered" else grouped_delta
         delta = kernel(dropout(x), task_ids, a_all, b_all, scaling)

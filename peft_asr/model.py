@@ -6,18 +6,17 @@ Flow of one routed forward (eval mode, no task pinned)::
               -> pre-hook on block L_f: final norm + masked mean over prompt tokens -> router -> class per row
               -> blocks L_f..L-1: every ASR layer applies its row's task (class 0: plain base model) -> logits
 
-One pass: the shallow blocks run once, and the decision reaches the deep layers through forward pre-hooks that
-:meth:`ASRModel._enable_peft_forward_hooks` installs for the duration of one ``forward`` or one whole ``generate``
-call and removes in ``finally``. During ``generate`` the decision taken on the prompt pass is kept for every decode
-step (the router block only sees one new token per step). In training mode, or inside ``use_task``, no routing
-happens: every row uses the task being trained (or the pinned one).
+One pass: the shallow blocks run once, and the decision reaches the deep layers through forward pre-hooks installed
+for the duration of one ``forward`` or one whole ``generate`` call and removed in ``finally``. Which calls route,
+which follow an explicit choice (``task_names``, ``use_task``, the task being trained) and which refuse is the
+routing contract of :mod:`peft_asr.routing`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+import weakref
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
@@ -28,9 +27,10 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .config import BASE_ROUTE, ASRConfig, validate_task_name
-from .features import masked_mean, prompt_mask
+from .features import is_packed, masked_mean, positions_from_mask, prompt_mask, unpack_rows
 from .layer import ASRLayer, Linear
 from .router import BASE_CLASS, AnalyticRouter
+from .routing import hidden_from_call, plan_call, routing_hooks
 from .validation import check_batch, check_batches, check_features
 
 __all__ = ["ASRModel"]
@@ -40,14 +40,6 @@ LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 class _StopForward(Exception):
     """Raised by the feature hook to end a forward pass after the shallow blocks (the deep ones never run)."""
-
-
-@dataclass
-class _RoutingCall:
-    """Per-call routing state; lives only inside one `_enable_peft_forward_hooks` context."""
-
-    inputs: Optional[dict] = None
-    task_ids: Optional[torch.Tensor] = None
 
 
 def find_blocks(model: nn.Module, layers_pattern: Optional[str] = None) -> tuple[str, nn.ModuleList]:
@@ -89,27 +81,26 @@ def find_final_norm(model: nn.Module, blocks_name: str) -> nn.Module:
     return nn.Identity()
 
 
-def _bind_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The named inputs of a forward call, whether passed by position or keyword."""
-    try:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-    except TypeError:
-        return dict(kwargs)
-    inputs = dict(bound.arguments)
-    inputs.update(inputs.pop("kwargs", {}) or {})
-    return inputs
-
-
-def _hidden_from_call(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 class ASRModel(BaseTuner):
     """Analytic Subspace Routing (Any-SSR) tuner: per-task LoRA subspaces in the deep blocks and an analytic router.
 
     Created by ``get_peft_model(model, ASRConfig(...))`` (after ``import peft_asr``); its public methods are reachable
     on the returned ``PeftModel``: :meth:`add_task`, :attr:`tasks`, :meth:`fit_router`, :meth:`route`,
     :meth:`route_scores`, :meth:`use_task`, :meth:`remove_task`.
+
+    The routing contract (details in :mod:`peft_asr.routing` and docs/concepts.md): a call
+
+    1. follows an explicit choice when there is one: ``task_names=[...]`` on ``forward``/``generate`` (one entry
+       per row, ``None`` for the base model), a task pinned by :meth:`use_task`, or, for a training-mode
+       ``forward``, the task being trained;
+    2. otherwise routes on the whole prompt, once per sequence: ``generate`` decides from the prompt it was given,
+       before any draft, chunk or decode token, and keeps the decision for every step and beam, in training mode
+       too; a ``forward`` that continues a routed cache reuses its decision;
+    3. or refuses, before any work, with an error that says what to do.
+
+    The prompt is the same everywhere (``route``, ``route_scores``, ``fit_router``, the callback, a routed call):
+    real tokens, minus the answer where token labels mark the prompt with -100 (a row whose labels mark none is
+    prompt as a whole); positions come from the attention mask as ``generate`` derives them.
     """
 
     prefix: str = "asr_"
@@ -165,6 +156,10 @@ class ASRModel(BaseTuner):
         self.asr_router = nn.ModuleDict({adapter_name: router.to(device)})
         self._training_task: Optional[str] = None
         self._pinned: list[str] = []  # stack of tasks pinned by `use_task` (BASE_ROUTE pins the base model)
+        self._generating = 0  # > 0 inside a `generate` call of the PeftModel (set by `generate_scope`)
+        # cache object returned by a routed forward -> that call's decisions (B,), so a forward continuing the cache
+        # reuses them instead of routing on its new tokens; weak keys: an entry goes with its cache
+        self._cache_routes: "weakref.WeakKeyDictionary[Any, torch.Tensor]" = weakref.WeakKeyDictionary()
 
     def _prepare_adapter_config(self, peft_config: ASRConfig, model_config: dict) -> ASRConfig:
         if peft_config.target_modules is None:
@@ -267,11 +262,21 @@ class ASRModel(BaseTuner):
             )
         return task
 
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def merged_task(self) -> Optional[str]:
+        """The task merged into the base weights (``merge_adapter`` inside ``use_task``), or ``None``."""
+        return next((layer._merged_task for layer in self._asr_layers() if layer.merged), None)
+
     def _sync_layers(self) -> None:
-        """Push the pinned / training task to every layer (configuration, like PEFT's active adapter)."""
-        pinned = self._pinned[-1] if self._pinned else None
-        active = pinned if pinned is not None else self._training_task
-        active = None if active == BASE_ROUTE else active
+        """Push the pinned and the training task to every layer (configuration, like PEFT's active adapter).
+
+        A layer applies the pinned task (``BASE_ROUTE``: none) to every row; with nothing pinned it applies the
+        training task in training mode only, and otherwise needs a per-row decision from a routed call.
+        """
+        active = self._pinned[-1] if self._pinned else None
         for layer in self._asr_layers():
             layer.active_task = active
             layer.trainable_task = self._training_task
@@ -339,7 +344,7 @@ class ASRModel(BaseTuner):
         """Router input from the hidden state entering the router block: (B, L, d) -> (B, d) float64.
 
         ``strict=False`` (the routed forward path): no host sync; a row with no prompt token pools to NaN and is
-        routed to the base model.
+        routed to the base model. The prompt rule is :func:`peft_asr.features.prompt_mask`'s.
         """
         mask = prompt_mask(
             inputs.get("attention_mask"),
@@ -351,23 +356,36 @@ class ASRModel(BaseTuner):
             normed = self._final_norm()(hidden)  # (B, L, d)
         return masked_mean(normed, mask.to(hidden.device), strict=strict)  # (B, L, d) -> (B, d)
 
+    def _takes_position_ids(self) -> bool:
+        return "position_ids" in inspect.signature(self._feature_module().forward).parameters
+
     def router_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Pooled router inputs (B, d) of a batch, running only the blocks below ``router_layer``.
 
-        ``batch`` holds ``input_ids`` (or ``inputs_embeds``), optionally ``attention_mask``, ``labels`` (positions set
-        to -100 are the prompt) and ``prompt_mask`` (an explicit prompt mask, used instead of ``labels``).
+        ``batch`` holds ``input_ids`` (or ``inputs_embeds``), optionally ``attention_mask``, ``labels`` (real tokens
+        labelled -100 are the prompt; a row that marks none is prompt as a whole), ``prompt_mask`` (an explicit
+        prompt mask, used instead of ``labels``) and ``position_ids`` (otherwise derived from the attention mask,
+        as ``generate`` does). Packed rows (``position_ids`` restarting inside a row) are split into one row per
+        example first, so the result has one row per example.
         """
         embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         check_batch(batch, getattr(embeddings, "num_embeddings", None))
-        device = next(self.model.parameters()).device
+        device = self._device()
         tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if is_packed(tensors):
+            tensors = unpack_rows(tensors)  # (B, L) packed -> (examples, max length), one prompt per row
+        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            tensors.pop("labels", None)  # decoder targets: they say nothing about which encoder tokens are the prompt
         captured: dict[str, torch.Tensor] = {}
 
         def hook(_module, args, kwargs):
-            captured["pooled"] = self._pool(_hidden_from_call(args, kwargs), tensors)
+            captured["pooled"] = self._pool(hidden_from_call(args, kwargs), tensors)
             raise _StopForward
 
-        call = {k: tensors[k] for k in ("input_ids", "inputs_embeds", "attention_mask") if tensors.get(k) is not None}
+        call = {k: tensors[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+                if tensors.get(k) is not None}
+        if "position_ids" not in call and "attention_mask" in call and self._takes_position_ids():
+            call["position_ids"] = positions_from_mask(call["attention_mask"])  # as `generate` derives them
         handle = self._router_block().register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad(), self._eval_mode():
@@ -442,59 +460,24 @@ class ASRModel(BaseTuner):
         return [names[c] for c in classes]
 
     @contextlib.contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """Scope of one forward / generate call: install the routing hooks, remove them in ``finally``."""
-        if self._pinned:
-            yield
-            return
-        if self.model.training:
-            if self._training_task is None:
-                raise RuntimeError(
-                    "the model is in training mode but no task is being trained: call `add_task(name)` before "
-                    "training, `model.eval()` to route, or pin a task with `use_task(name)`."
-                )
-            yield
-            return
-        router = self.router
-        if not router.is_fitted:
-            raise RuntimeError(
-                "the router has not been fitted on any task yet: call `fit_router(batches, task=...)` (ASRCallback does "
-                "it at the end of training), or pin a task with `use_task(name)`."
-            )
-        router.solve()
-        call = _RoutingCall()
-        feature_module = self._feature_module()
-
-        def capture_inputs(module, args, kwargs):
-            if call.task_ids is None:
-                call.inputs = _bind_inputs(module, args, kwargs)
-
-        def decide(_module, args, kwargs):
-            if call.task_ids is not None:
-                return  # decode step of `generate`: keep the prompt pass's decision
-            hidden = _hidden_from_call(args, kwargs)
-            pooled = self._pool(hidden, call.inputs or {}, strict=False)  # (B, d), no host sync
-            call.task_ids = router.predict(pooled).to(hidden.device)  # (B,)
-
-        def hand_over(_module, args, kwargs):
-            if call.task_ids is None:
-                raise RuntimeError(
-                    "an adapted layer ran before the router decided: the router block did not run in this call "
-                    "(e.g. `encoder_outputs` were passed); pass `input_ids` so routing can run."
-                )
-            kwargs["asr_task_ids"] = call.task_ids
-            return args, kwargs
-
-        handles = [
-            feature_module.register_forward_pre_hook(capture_inputs, with_kwargs=True),
-            self._router_block().register_forward_pre_hook(decide, with_kwargs=True),
-        ]
+    def generate_scope(self) -> Iterator[None]:
+        """Mark the calls inside as one ``generate`` (entered by the PeftModel's ``generate``, see ``_registry``)."""
+        self._generating += 1
         try:
-            handles.extend(layer.register_forward_pre_hook(hand_over, with_kwargs=True) for layer in self._asr_layers())
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            self._generating -= 1
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Scope of one forward / generate call: plan it by the routing contract (which may refuse before any work),
+        install the routing hooks, remove them in ``finally``."""
+        call = plan_call(self, args, kwargs, generating=self._generating > 0)
+        if call is None:
+            yield  # the layers' configuration applies: a pinned task, or the task being trained
+            return
+        with routing_hooks(self, call):
+            yield
 
     # ------------------------------------------------------------------ merging / unloading
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None,

@@ -59,7 +59,7 @@ def check_batch(batch: Mapping[str, Any], vocab_size: Optional[int] = None) -> N
                 f"token ids must lie in [0, {vocab_size}) for this model, got ids in [{low}, {high}]: the tokenizer "
                 "does not belong to the model (or padding used a negative id such as -100 in `input_ids`)."
             )
-    for name in ("attention_mask", "labels", "prompt_mask"):
+    for name in ("attention_mask", "labels", "prompt_mask", "position_ids"):
         value = batch.get(name)
         if value is None:
             continue

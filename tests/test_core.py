@@ -248,8 +248,10 @@ def test_fit_router_prompt_masking_from_labels():
     pooled = model.base_model.router_features(dict(batch, labels=labels))
     prompt_only = model.base_model.router_features(right_pad([ALPHA[0]]))
     assert torch.allclose(pooled, prompt_only, atol=1e-6)
-    with pytest.raises(ValueError, match="no prompt token"):
-        model.fit_router([dict(batch, labels=batch["input_ids"])], task="alpha", progress=False)
+    # labels that mark no prompt (labels=input_ids, a language-modelling row): the whole real row is the prompt
+    whole = model.base_model.router_features(dict(batch, labels=batch["input_ids"]))
+    assert torch.allclose(whole, model.base_model.router_features(batch), atol=1e-12)
+    assert not torch.allclose(whole, prompt_only, atol=1e-3)
     explicit = torch.zeros_like(batch["input_ids"])
     explicit[0, : len(ALPHA[0])] = 1
     pooled_explicit = model.base_model.router_features(dict(batch, labels=batch["input_ids"], prompt_mask=explicit))

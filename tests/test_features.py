@@ -45,11 +45,49 @@ def test_rows_without_prompt_tokens_raise():
         masked_mean(h, mask)
 
 
-def test_unmasked_labels_raise_with_hint():
+def test_labels_that_mark_no_prompt_make_the_whole_row_the_prompt():
+    """labels=input_ids (perplexity, an LM collator): no -100 among the real tokens, so the whole real row is pooled.
+    Per row: a prompt-masked row next to it keeps its prompt; a -100 on the first real token alone (TRL sets it on
+    every sequence start) marks nothing, and neither does -100 on padding (DataCollatorForLanguageModeling)."""
+    attn = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 1], [0, 1, 1, 1]])
+    labels = torch.tensor([[4, 5, 6, 7], [-100, -100, 6, 7], [-100, 5, 6, -100], [-100, -100, -100, 7],
+                           [-100, -100, 6, 7]])
+    mask = prompt_mask(attn, labels)
+    assert mask.tolist() == [[True] * 4, [True, True, False, False], [True, True, True, False],
+                             [False, True, True, False], [False, True, True, True]]
+
+
+def test_explicit_empty_prompt_mask_raises_with_hint():
     h = torch.randn(1, 3, 4)
-    mask = prompt_mask(torch.ones(1, 3), torch.tensor([[4, 5, 6]]))
+    mask = prompt_mask(torch.ones(1, 3), torch.tensor([[4, 5, 6]]), torch.zeros(1, 3))
     with pytest.raises(ValueError, match="prompt_mask"):
         masked_mean(h, mask)
+
+
+def test_class_labels_are_not_token_labels():
+    assert prompt_mask(torch.ones(2, 3), torch.tensor([1, 0])).all()
+
+
+def test_positions_from_mask_match_generate():
+    from peft_asr.features import positions_from_mask
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 0, 0]]
+
+
+def test_packed_rows_are_split_into_one_row_per_example():
+    from peft_asr.features import is_packed, unpack_rows
+
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 3]]), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]]),
+             "labels": torch.tensor([[-100, -100, 7, -100, 9, -100]])}
+    assert is_packed(batch) and not is_packed({"position_ids": torch.tensor([[0, 1, 2]])})
+    # left padding with generate's positions (pads at 0) is not packing
+    assert not is_packed({"position_ids": torch.tensor([[0, 0, 1]]), "attention_mask": torch.tensor([[0, 1, 1]])})
+    out = unpack_rows(batch)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0], [3, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    assert out["labels"].tolist() == [[-100, -100, 7], [-100, 9, -100], [-100, -100, -100]]
+    assert "position_ids" not in out
 
 
 def test_shape_mismatch_raises():
