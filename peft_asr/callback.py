@@ -6,7 +6,8 @@
 * Evaluation during training (``eval_strategy``, ``eval_on_start``): the model is pinned to the task being trained
   for the evaluation only (the router does not know that task yet), and unpinned when it ends. Training steps need no
   pin: a training-mode forward uses the task being trained. So a run that dies leaves no pin behind, unless it dies
-  inside an evaluation; then the next ``on_train_begin`` (or the callback's garbage collection) releases it.
+  inside an evaluation; then the next ``on_train_begin`` of any ``ASRCallback`` on that model releases it (the pin
+  is held by the model: ``ASRModel.hold_task`` / ``release_task``).
 * ``on_train_end``: run one no-grad pass of the blocks below ``router_layer`` over the task's training prompts (the
   train dataset, read in order and sharded by process rank, each prompt exactly once whatever the number of epochs
   or what a distributed sampler repeats; packed rows are split into their examples) and fold them into the router;
@@ -17,7 +18,6 @@ Custom training loops call the same methods: ``model.add_task(name)``, train, ``
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Optional
 
@@ -63,7 +63,6 @@ class ASRCallback(TrainerCallback):
         self.task = task
         self.progress = progress
         self.fit_seconds = 0.0  # wall time of the last router fit
-        self._pin = contextlib.ExitStack()
 
     def _task(self, model) -> str:
         task = self.task or model.training_task
@@ -84,12 +83,10 @@ class ASRCallback(TrainerCallback):
         raise RuntimeError("ASRCallback needs a map-style train dataset in distributed runs (to count each prompt once).")
 
     def _pin_for_evaluation(self, model) -> None:
-        self._pin.close()
-        self._pin.enter_context(model.use_task(self._task(model)))
+        model.hold_task(self._task(model))
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         model = _unwrap(model)
-        self._pin.close()  # a pin left by an evaluation of an earlier run that died
         if not hasattr(model, "fit_router"):
             raise TypeError(
                 f"ASRCallback needs an ASR model (`get_peft_model(model, ASRConfig(...))`), got {type(model).__name__}."
@@ -106,6 +103,7 @@ class ASRCallback(TrainerCallback):
             if first is None:
                 raise ValueError("ASRCallback: the train dataset gives no batch, so the router would learn nothing.")
             model.router_features(first)  # the router pass's checks, on one batch, before any training step
+        model.release_task()  # a pin left by an evaluation of an earlier run that died
         if getattr(args, "eval_on_start", False):
             self._pin_for_evaluation(model)
 
@@ -117,24 +115,18 @@ class ASRCallback(TrainerCallback):
         if control.should_evaluate:
             self._pin_for_evaluation(_unwrap(model))
 
-    def on_evaluate(self, args, state, control, **kwargs):
-        self._pin.close()
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        _unwrap(model).release_task()
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._pin.close()
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        _unwrap(model).release_task()
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         model = _unwrap(model)
-        self._pin.close()
+        model.release_task()
         rank, world = _rank_and_world()
         batches = self._router_batches(args, train_dataloader, rank, world)
         start = time.perf_counter()
         model.fit_router(batches, task=self._task(model), progress=self.progress and state.is_local_process_zero,
                          reduce_sum=_all_reduce_sum if world > 1 else None)
         self.fit_seconds = time.perf_counter() - start
-
-    def __del__(self):
-        try:
-            self._pin.close()
-        except Exception:  # interpreter shutdown: the model may be half torn down already
-            pass

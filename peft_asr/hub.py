@@ -15,7 +15,8 @@ agreement with the saved router weight) *before* anything is loaded into the mod
 it was.
 
 **Saving is atomic.** ``save_pretrained`` writes the whole bank into a hidden sibling folder
-``.<name>.tmp-<pid>-<random>``, fsyncs every file and the folder, then swaps it into place:
+``.<name>.tmp-<host>-<pid>-<random>`` (``<host>``: a short hash of this machine's name), fsyncs every file and the
+folder, then swaps it into place:
 
 * on Linux with one ``renameat2(RENAME_EXCHANGE)`` call: the destination always holds a complete bank, old or new.
   The old bank, now under the temporary name, is deleted afterwards; a crash before that leaves a hidden
@@ -24,6 +25,11 @@ it was.
   then ``.<name>.tmp-<token>`` -> ``<name>``. A crash between them leaves no ``<name>``, but two complete banks;
   :func:`recover_bank` (run by every save and load of that path) renames the new one into place: the temporary folder
   is complete and fsynced before the first rename, and both siblings share the token.
+
+Recovery touches ASR banks only: a folder (or a leftover) whose ``adapter_config.json`` is not an ASR bank's is left
+alone, and a leftover is deleted only when it was written on this machine by a process that is gone (a process id
+means nothing on another host sharing the filesystem). Leftovers of another host, or without a host (earlier
+versions), are never deleted.
 
 Files in the destination that the bank does not own (a tokenizer, a Trainer checkpoint's other files) are carried
 over into the new folder as hard links, so they survive the swap.
@@ -35,8 +41,10 @@ import ctypes
 import errno
 import os
 import re
+import hashlib
 import secrets
 import shutil
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -75,12 +83,18 @@ def _bank_dir(save_directory: str, adapter_name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- atomic saving
+def _host_id() -> str:
+    """This machine, in a form a folder name can carry: ``h`` + 8 hex digits of a hash of the host name."""
+    return "h" + hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _sibling_pattern(target: Path) -> re.Pattern:
-    return re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)-([0-9a-f]+)$")
+    # the host part is absent in leftovers of earlier versions
+    return re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(?:(h[0-9a-f]{{8}})-)?(\d+)-([0-9a-f]+)$")
 
 
-def _siblings(target: Path) -> list[tuple[str, int, str, Path]]:
-    """Leftovers of interrupted saves of ``target``: (kind, pid, token, path)."""
+def _siblings(target: Path) -> list[tuple[str, Optional[str], int, str, Path]]:
+    """Leftovers of interrupted saves of ``target``: (kind, host or None, pid, token, path)."""
     pattern = _sibling_pattern(target)
     try:
         names = os.listdir(target.parent)
@@ -90,8 +104,21 @@ def _siblings(target: Path) -> list[tuple[str, int, str, Path]]:
     for name in names:
         match = pattern.match(name)
         if match:
-            found.append((match[1], int(match[2]), f"{match[2]}-{match[3]}", target.parent / name))
+            token = name.split("-", 1)[1]
+            found.append((match[1], match[2], int(match[3]), token, target.parent / name))
     return found
+
+
+def _is_asr_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an ASR bank's config (``peft_type: ASR``); unreadable or other configs: no."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return False
+    try:
+        data = read_config_json(str(path))
+    except (OSError, ValueError):  # unreadable, half-written or not JSON (ASRConfigError is a ValueError): not ours
+        return False
+    return isinstance(data, dict) and data.get("peft_type") == "ASR"
 
 
 def _alive(pid: int) -> bool:
@@ -139,22 +166,26 @@ def recover_bank(path) -> bool:
 
     Only the two-rename swap (see the module docstring) can leave ``path`` missing, and only then do
     ``.<name>.old-<token>`` (the previous bank) and ``.<name>.tmp-<token>`` (the new one) exist together: the
-    temporary folder is complete and fsynced before the first rename, so it is renamed into place. Any other
-    leftover (a half-written or half-deleted folder) is never promoted; those of processes that are gone are deleted.
+    temporary folder is complete and fsynced before the first rename, so it is renamed into place, provided it is an
+    ASR bank. Any other leftover (a half-written or half-deleted folder) is never promoted; those written on this
+    machine by processes that are gone are deleted, and only next to an ASR bank. Folders that are not ASR banks,
+    and leftovers of other hosts, are left alone.
     """
     target = Path(os.path.abspath(os.fspath(path)))
     recovered = False
     if not os.path.lexists(target):
         leftovers = _siblings(target)
-        olds = {token for kind, _, token, _ in leftovers if kind == "old"}
-        pairs = sorted((p.stat().st_mtime_ns, p) for kind, _, token, p in leftovers if kind == "tmp" and token in olds)
+        olds = {token for kind, _, _, token, _ in leftovers if kind == "old"}
+        pairs = sorted((p.stat().st_mtime_ns, p) for kind, _, _, token, p in leftovers
+                       if kind == "tmp" and token in olds and _is_asr_folder(p))
         if pairs:
             os.rename(pairs[-1][1], target)
             _fsync_dir(target.parent)
             recovered = True
-    if os.path.isdir(target):
-        for _, pid, _, leftover in _siblings(target):
-            if not _alive(pid):
+    if os.path.isdir(target) and _is_asr_folder(target):
+        here = _host_id()
+        for _, host, pid, _, leftover in _siblings(target):
+            if host == here and not _alive(pid):
                 shutil.rmtree(leftover, ignore_errors=True)
     return recovered
 
@@ -228,7 +259,7 @@ def atomic_save(save_directory, write: Callable[[str], Any], dropped: Optional[s
         warnings.warn(f"{target} is a mount point or the working directory: the bank is written in place, not "
                       "atomically. Save into a sub-folder to get atomic saves.", stacklevel=3)
         return write(str(target))
-    token = f"{os.getpid()}-{secrets.token_hex(6)}"
+    token = f"{_host_id()}-{os.getpid()}-{secrets.token_hex(6)}"
     tmp = target.parent / f".{target.name}.tmp-{token}"
     old = target.parent / f".{target.name}.old-{token}"
     tmp.mkdir()

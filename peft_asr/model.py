@@ -156,6 +156,7 @@ class ASRModel(BaseTuner):
         self.asr_router = nn.ModuleDict({adapter_name: router.to(device)})
         self._training_task: Optional[str] = None
         self._pinned: list[str] = []  # stack of tasks pinned by `use_task` (BASE_ROUTE pins the base model)
+        self._held_pin: Optional[contextlib.ExitStack] = None  # see `hold_task`
         self._generating = 0  # > 0 inside a `generate` call of the PeftModel (set by `generate_scope`)
         # cache object returned by a routed forward -> that call's decisions (B,), so a forward continuing the cache
         # reuses them instead of routing on its new tokens; weak keys: an entry goes with its cache
@@ -329,6 +330,25 @@ class ASRModel(BaseTuner):
         finally:
             self._pinned.pop()
             self._sync_layers()
+
+    def hold_task(self, name: Optional[str]) -> None:
+        """Pin ``name`` until :meth:`release_task` (``use_task`` without a ``with`` block; one held pin at a time).
+
+        ``ASRCallback`` holds the task being trained for the evaluations inside ``Trainer.train()`` only; holding a
+        new pin, or ``release_task``, drops the one before, so a run that died inside an evaluation leaves no pin
+        behind once the next run starts.
+        """
+        self.release_task()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.use_task(name))
+        self._held_pin = stack
+
+    def release_task(self) -> None:
+        """Drop the pin of :meth:`hold_task`, if any."""
+        stack = getattr(self, "_held_pin", None)
+        self._held_pin = None
+        if stack is not None:
+            stack.close()
 
     # ------------------------------------------------------------------ router features
     @contextlib.contextmanager

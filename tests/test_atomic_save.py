@@ -3,6 +3,7 @@ resumes with router statistics that are neither lost nor counted twice."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
@@ -232,3 +233,38 @@ def test_resume_after_a_crash_counts_every_prompt_once(tmp_path):
     # resuming a run that had already finished (and fitted beta) must not add beta a second time
     _trainer(straight, "beta", tmp_path / "s2").train(resume_from_checkpoint=str(tmp_path / "s2" / "checkpoint-6"))
     _assert_same(_statistics(straight), reference)
+
+
+# ---------------------------------------------------------------- recovery touches ASR banks of this host only
+def _fake_bank(folder: Path, peft_type: str = "ASR") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
+    return folder
+
+
+def test_recovery_never_touches_folders_that_are_not_asr_banks(tmp_path):
+    from peft_asr.hub import _host_id
+
+    dead = f"{_host_id()}-999999-abc"
+    # a LoRA adapter folder with leftovers named like ours: untouched
+    _fake_bank(tmp_path / "lora", "LORA")
+    stray = _fake_bank(tmp_path / f".lora.tmp-{dead}", "LORA")
+    assert peft_asr.recover_bank(tmp_path / "lora") is False
+    assert stray.is_dir()
+    # a missing folder whose would-be replacement is not an ASR bank is not recreated from it
+    _fake_bank(tmp_path / f".gone.tmp-{dead}", "LORA")
+    _fake_bank(tmp_path / f".gone.old-{dead}", "LORA")
+    assert peft_asr.recover_bank(tmp_path / "gone") is False and not (tmp_path / "gone").exists()
+
+
+def test_recovery_deletes_only_this_hosts_leftovers_of_dead_processes(tmp_path):
+    from peft_asr.hub import _host_id
+
+    _fake_bank(tmp_path / "bank")
+    ours_dead = _fake_bank(tmp_path / f".bank.tmp-{_host_id()}-999999-abc")
+    ours_alive = _fake_bank(tmp_path / f".bank.tmp-{_host_id()}-{os.getpid()}-abd")
+    other_host = _fake_bank(tmp_path / ".bank.tmp-h00000000-999999-abe")  # pid 999999 may live there
+    no_host = _fake_bank(tmp_path / ".bank.old-999999-abf")  # an earlier version's leftover: host unknown
+    peft_asr.recover_bank(tmp_path / "bank")
+    assert not ours_dead.exists()
+    assert ours_alive.is_dir() and other_host.is_dir() and no_host.is_dir()

@@ -106,3 +106,78 @@ def test_callback_without_a_task_is_an_error(tmp_path):
                       callbacks=[ASRCallback(progress=False)])
     with pytest.raises(RuntimeError, match="add_task"):
         trainer.train()
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_on_step(step: int):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise _Crash(f"the run dies at step {step}")
+
+    return Crash()
+
+
+def test_a_run_that_dies_leaves_no_pin_and_generate_routes(tmp_path):
+    model = _model()
+    _train(model, "alpha", tmp_path / "a")
+    model.add_task("beta")
+    trainer = Trainer(model=model, args=_args(tmp_path / "b", max_steps=4), train_dataset=DATA["beta"],
+                      data_collator=collate, callbacks=[ASRCallback(progress=False), _crash_on_step(2)])
+    with pytest.raises(_Crash):
+        trainer.train()
+    assert model.base_model._pinned == []  # nothing pinned beta: the router still decides
+    batch = left_pad(prompts(*ALPHA_IDS, 3, seed=9))
+    with model.use_task("alpha"):
+        pinned = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0), pinned)
+
+
+def test_a_run_that_dies_inside_an_evaluation_is_unpinned_by_the_next_run(tmp_path):
+    class BadEval(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise _Crash("the evaluation dies")
+
+    model = _model()
+    model.add_task("alpha")
+    trainer = Trainer(model=model, args=_args(tmp_path / "a", max_steps=2, eval_strategy="steps", eval_steps=1),
+                      train_dataset=DATA["alpha"], eval_dataset=BadEval(), data_collator=collate,
+                      callbacks=[ASRCallback(progress=False)])
+    with pytest.raises(_Crash):
+        trainer.train()
+    assert model.base_model._pinned == ["alpha"]  # held for the evaluation that died
+    # a new run with a new callback releases it before its first step, then trains and fits the router
+    Trainer(model=model, args=_args(tmp_path / "b", max_steps=2), train_dataset=DATA["alpha"], data_collator=collate,
+            callbacks=[ASRCallback(progress=False)]).train()
+    assert model.base_model._pinned == []
+    assert model.base_model.router.class_counts.tolist() == [0, 24]
+
+
+def test_router_batches_are_checked_before_the_first_step(tmp_path):
+    def no_prompt(rows):
+        batch = collate(rows)
+        return dict(batch, prompt_mask=torch.zeros_like(batch["input_ids"]))  # a collator that marks no prompt
+
+    from transformers import TrainerCallback
+
+    steps = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    model = _model()
+    model.add_task("alpha")
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=DATA["alpha"],
+                      data_collator=no_prompt, callbacks=[ASRCallback(progress=False), Steps()])
+    with pytest.raises(ValueError, match="have no prompt token"):
+        trainer.train()
+    assert steps == []
