@@ -126,6 +126,24 @@ def _ill_conditioned(env):
     return router.predict(feature)
 
 
+def _task_names_in_training(e):
+    e.model.base_model._training_task = "beta"
+    e.model.train()
+    try:
+        e.model(**_batch(), task_names=["alpha"] * 4)
+    finally:
+        e.model.eval()
+        e.model.base_model._training_task = None
+
+
+def _unknown_cache(e):
+    batch = _batch()
+    with torch.no_grad(), e.model.disable_adapter():
+        cache = e.model(**batch, use_cache=True).past_key_values  # the plain base model: no routing decision
+    mask = torch.cat([batch["attention_mask"], torch.ones(4, 1, dtype=torch.long)], dim=1)
+    e.model(input_ids=torch.full((4, 1), 12), attention_mask=mask, past_key_values=cache)
+
+
 CASES = [
     # ------------------------------------------------------------------ ASRConfig(...)
     Case("config-r-zero", "ASRConfig", "`r=0`", ASRConfigError, "`r` must be an integer >= 1", lambda e: ASRConfig(**{**CFG, "r": 0})),
@@ -179,6 +197,14 @@ CASES = [
     Case("route-fp16-overflow", "route", "NaN/inf hidden states (fp16 overflow)", RouterNumericalError, "the router features of rows [0, 1] contain NaN or inf", lambda e: e.fp16.route(**_batch())),
     Case("route-ill-conditioned", "AnalyticRouter.predict", "colinear features with `ridge=1e-300`", RouterNumericalError, "The router system G + ridge*I is", _ill_conditioned),
     Case("generate-not-fitted", "generate", "`generate` before any `fit_router`", RuntimeError, "has not been fitted on any task yet", lambda e: e.unfitted.generate(**_batch(), max_new_tokens=2)),
+    Case("forward-task-names-unknown", "forward", "`task_names` naming a task the bank lacks", ValueError, "`task_names[1]` is 'gamma', which is not a task of the bank", lambda e: e.model(**_batch(), task_names=["alpha", "gamma", "beta", "beta"])),
+    Case("forward-task-names-length", "forward", "`task_names` with fewer entries than rows", ValueError, "`task_names` has 1 entries but the batch has 4 rows", lambda e: e.model(**_batch(), task_names=["alpha"])),
+    Case("generate-task-names-length", "generate", "`task_names` with more entries than rows", ValueError, "`task_names` has 5 entries but the batch has 4 rows", lambda e: e.model.generate(**_batch(), task_names=["alpha"] * 5, max_new_tokens=2)),
+    Case("forward-task-names-in-training", "forward", "`task_names` on a training-mode forward", ValueError, "`task_names` is for inference", _task_names_in_training),
+    Case("forward-unknown-cache", "forward", "a decode step continuing a cache no routed call produced", RuntimeError, "that no routed call of this model produced", _unknown_cache),
+    Case("forward-packed-rows", "forward", "packed rows (`position_ids` restart inside a row) in a routed forward", ValueError, "a routed forward got packed rows", lambda e: e.model(input_ids=torch.tensor([[11, 12, 61, 62]]), position_ids=torch.tensor([[0, 1, 0, 1]]))),
+    Case("forward-4d-mask", "forward", "a 4-D attention mask in a routed forward", ValueError, "needs a 2-D `attention_mask`", lambda e: e.model(input_ids=torch.tensor([[11, 12]]), attention_mask=torch.ones(1, 1, 2, 2))),
+    Case("merge-adapter-unpinned", "merge_adapter", "`merge_adapter()` with no task pinned", ValueError, "cannot be merged as a whole; pin one task", lambda e: e.model.merge_adapter()),
     # ------------------------------------------------------------------ save_pretrained
     Case("save-pickle", "save_pretrained", "`safe_serialization=False`", BankError, "saved as safetensors only", lambda e: e.model.save_pretrained(e.tmp / "b", safe_serialization=False)),
     Case("save-into-a-file", "save_pretrained", "a path that is an existing file", BankError, "exists and is not a folder", lambda e: (e.tmp / "f").write_text("x") and e.model.save_pretrained(e.tmp / "f")),
