@@ -4,7 +4,9 @@
   data gives batches the router pass can read (one batch goes through the router's checks and shallow blocks), so
   a problem shows now, not after the whole run.
 * Evaluation during training (``eval_strategy``, ``eval_on_start``): the model is pinned to the task being trained
-  for the evaluation only (the router does not know that task yet), and unpinned when it ends. Training steps need no
+  for the evaluation only (the router does not know that task yet), and unpinned when the next step begins (or the
+  run ends). ``pin_during_training=True`` keeps the pin for the whole run, for trainers that generate with the task
+  being trained (RL rollouts). Training steps need no
   pin: a training-mode forward uses the task being trained. So a run that dies leaves no pin behind, unless it dies
   inside an evaluation; then the next ``on_train_begin`` of any ``ASRCallback`` on that model releases it (the pin
   is held by the model: ``ASRModel.hold_task`` / ``release_task``).
@@ -57,11 +59,18 @@ class ASRCallback(TrainerCallback):
             The task being trained; defaults to the model's ``training_task`` (the last one added).
         progress (`bool`, *optional*, defaults to `True`):
             Show a progress bar over the router pass.
+        pin_during_training (`bool`, *optional*, defaults to `False`):
+            Pin the task being trained for the whole ``train()``, not just its evaluations. For trainers that call
+            ``generate`` during training and must generate with the task being trained (TRL GRPO/RLOO rollouts):
+            without the pin a training-mode ``generate`` routes, and refuses while the router does not know the
+            task. The cost: a run that dies keeps the pin until the next ``on_train_begin`` (or
+            ``model.release_task()``).
     """
 
-    def __init__(self, task: Optional[str] = None, progress: bool = True) -> None:
+    def __init__(self, task: Optional[str] = None, progress: bool = True, pin_during_training: bool = False) -> None:
         self.task = task
         self.progress = progress
+        self.pin_during_training = bool(pin_during_training)
         self.fit_seconds = 0.0  # wall time of the last router fit
 
     def _task(self, model) -> str:
@@ -104,7 +113,7 @@ class ASRCallback(TrainerCallback):
                 raise ValueError("ASRCallback: the train dataset gives no batch, so the router would learn nothing.")
             model.router_features(first)  # the router pass's checks, on one batch, before any training step
         model.release_task()  # a pin left by an evaluation of an earlier run that died
-        if getattr(args, "eval_on_start", False):
+        if self.pin_during_training or getattr(args, "eval_on_start", False):
             self._pin_for_evaluation(model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -115,11 +124,10 @@ class ASRCallback(TrainerCallback):
         if control.should_evaluate:
             self._pin_for_evaluation(_unwrap(model))
 
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
-        _unwrap(model).release_task()
-
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        _unwrap(model).release_task()
+        # not at `on_evaluate`: with several eval datasets `Trainer.evaluate` fires it after each one
+        if not self.pin_during_training:
+            _unwrap(model).release_task()
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         model = _unwrap(model)

@@ -7,11 +7,14 @@ final norm, and averages it over the *prompt's real tokens*. One rule decides wh
 * the attention mask: padding is never averaged (with pads in the mean, a prompt's feature would depend on its batch
   neighbours' lengths, which limits the paper's code to batch size 1);
 * ``prompt_mask`` (an explicit (B, L) mask) when a batch carries one;
-* otherwise token-level ``labels`` (B, L): the real tokens whose label is -100 are the prompt (the answer must not
-  leak into the feature: at inference the router only sees the prompt). A row whose labels mark no token as prompt,
-  besides its first one, is a language-modelling row (``labels=input_ids``, TRL's plain ``"text"`` rows, whose first
-  label is always -100): its whole real sequence is the prompt. Labels that are not (B, L) (class labels, a seq2seq
-  target) say nothing about the prompt and are ignored.
+* otherwise token-level ``labels`` (B, L): the prompt is the leading run of real tokens labelled -100, from a
+  row's first real token up to its first token with a real label (the answer must not leak into the feature: at
+  inference the router only sees the prompt). A row whose leading run is shorter than two tokens is a
+  language-modelling row (``labels=input_ids``; TRL's plain ``"text"`` rows, whose first label is always -100;
+  ``DataCollatorForLanguageModeling`` with pad == eos, which also sets -100 on real EOS tokens later in the row):
+  its whole real sequence is the prompt. A one-token prompt therefore needs an explicit ``prompt_mask``. Labels that
+  are not integer (B, L) token labels (class or multi-label targets, a seq2seq target) say nothing about the prompt
+  and are ignored.
 
 Positions: the router's features are computed with the position ids ``generate`` derives from the attention mask
 (``cumsum - 1``), unless the batch carries its own, so an absolute-position model (GPT-2) scores a row the same
@@ -43,15 +46,16 @@ def prompt_mask(
 
     Args:
         attention_mask: (B, L) 1 for real tokens, 0 for padding; ``None`` means no padding.
-        labels: (B, L) token labels; the real tokens labelled -100 are the prompt, and a row that marks none but its
-            first real token is prompt as a whole. Labels of another shape (class labels) are ignored.
+        labels: (B, L) token labels; the leading run of real tokens labelled -100 is the prompt, and a row whose run
+            is shorter than two tokens is prompt as a whole. Labels that are not integer (B, L) (class or
+            multi-label targets) are ignored.
         explicit_mask: (B, L) a prompt mask given by the user; it replaces ``labels``.
         shape: (B, L), needed only when ``attention_mask`` is ``None``.
 
     No host synchronisation: this runs inside every routed forward.
     """
-    if labels is not None and labels.dim() != 2:
-        labels = None  # sequence-classification labels (B,): not token labels
+    if labels is not None and (labels.dim() != 2 or labels.dtype.is_floating_point):
+        labels = None  # classification (B,) or multi-label (B, C) float targets: not token labels
     if attention_mask is None:
         ref = explicit_mask if explicit_mask is not None else labels
         if ref is None and shape is None:
@@ -67,21 +71,32 @@ def prompt_mask(
                 f"`prompt_mask` has shape {tuple(explicit_mask.shape)} but the batch has shape {tuple(real.shape)}."
             )
         return real & explicit_mask.to(real.device).bool()
-    if labels is None:
-        return real
-    if labels.shape != real.shape:
-        raise ValueError(f"`labels` has shape {tuple(labels.shape)} but the batch has shape {tuple(real.shape)}.")
-    marked = real & (labels.to(real.device) == IGNORE_INDEX)  # (B, L)
-    first = real & (real.long().cumsum(dim=1) == 1)  # (B, L): each row's first real token
-    # the first token's label is never a target of a causal LM, so -100 there says nothing about a prompt
-    has_prompt = (marked & ~first).any(dim=1, keepdim=True)  # (B, 1)
-    return torch.where(has_prompt, marked, real)
+    if labels is None or labels.shape != real.shape:
+        return real  # labels of another shape are a target (checked by `check_batch` where a batch is validated)
+    answer = real & (labels.to(real.device) != IGNORE_INDEX)  # (B, L) real tokens with a real label
+    leading = real & (answer.long().cumsum(dim=1) == 0)  # (B, L) real tokens before the first labelled one
+    # a run of one is no prompt: the first token's label is never a causal-LM target, so TRL sets -100 there
+    has_prompt = leading.sum(dim=1, keepdim=True) >= 2  # (B, 1)
+    return torch.where(has_prompt, leading, real)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids (B, L) as ``generate`` derives them: ``cumsum(mask) - 1`` on real tokens, 0 on padding."""
     mask = attention_mask.long()
     return (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _positions_of(batch: Mapping[str, Any]) -> Optional[torch.Tensor]:
+    """``position_ids``, or (1, N) positions rebuilt from the sequence boundaries ``cu_seq_lens_q`` of a flattened row."""
+    positions = batch.get("position_ids")
+    bounds = batch.get("cu_seq_lens_q")
+    if positions is None and isinstance(bounds, torch.Tensor) and bounds.numel() > 1:
+        starts = bounds[:-1].long()
+        lengths = bounds.diff().long()
+        total = int(bounds[-1])
+        offsets = torch.repeat_interleave(starts, lengths, output_size=total)  # (N,) start of each token's example
+        positions = (torch.arange(total, device=bounds.device) - offsets).unsqueeze(0)  # (1, N)
+    return positions
 
 
 def is_packed(batch: Mapping[str, Any]) -> bool:
@@ -98,14 +113,17 @@ def is_packed(batch: Mapping[str, Any]) -> bool:
     return bool((starts.sum(dim=1) > 1).any())
 
 
-def unpack_rows(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def unpack_rows(batch: Mapping[str, Any], pad_token_id: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Split packed rows into one right-padded row per example: (B, L) with k examples -> (sum k, max length).
 
-    An example starts where ``position_ids`` is 0 (TRL's packed and padding-free collators). ``input_ids`` (or
-    ``inputs_embeds``), ``labels`` and ``prompt_mask`` are split along; the result has an ``attention_mask`` and no
-    ``position_ids`` (positions restart at 0 per example, which is what the mask gives back).
+    An example starts where ``position_ids`` is 0 (TRL's packed and padding-free collators; rebuilt from
+    ``cu_seq_lens_q`` when only those are given). ``input_ids`` (or ``inputs_embeds``), ``labels`` and
+    ``prompt_mask`` are split along; the result has an ``attention_mask`` and no ``position_ids`` (positions restart
+    at 0 per example, which is what the mask gives back). A padding-free row padded to a multiple
+    (``pad_to_multiple_of``) ends in pad tokens at position 0, which look like one-token examples: trailing
+    one-token pieces holding ``pad_token_id`` are padding and are dropped.
     """
-    positions = batch["position_ids"]
+    positions = _positions_of(batch)
     mask = batch.get("attention_mask")
     real = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(positions, dtype=torch.bool)
     source = "input_ids" if batch.get("input_ids") is not None else "inputs_embeds"
@@ -117,10 +135,14 @@ def unpack_rows(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if not starts or starts[0] != 0:
             starts = [0] + starts  # a row that begins mid-example still starts a piece at its first real token
         bounds = starts + [len(index)]
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            if hi > lo:
-                for k in keys:
-                    pieces[k].append(batch[k][row, index[lo:hi]])
+        spans = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        ids = batch.get("input_ids")
+        while (pad_token_id is not None and isinstance(ids, torch.Tensor) and len(spans) > 1
+               and spans[-1][1] - spans[-1][0] == 1 and int(ids[row, index[spans[-1][0]]]) == pad_token_id):
+            spans.pop()  # a pad token of `pad_to_multiple_of`, not an example
+        for lo, hi in spans:
+            for k in keys:
+                pieces[k].append(batch[k][row, index[lo:hi]])
     lengths = [len(p) for p in pieces[source]]
     width = max(lengths)
     out: dict[str, torch.Tensor] = {}

@@ -104,7 +104,7 @@ def _siblings(target: Path) -> list[tuple[str, Optional[str], int, str, Path]]:
     for name in names:
         match = pattern.match(name)
         if match:
-            token = name.split("-", 1)[1]
+            token = "-".join(part for part in (match[2], match[3], match[4]) if part)  # never split the folder name
             found.append((match[1], match[2], int(match[3]), token, target.parent / name))
     return found
 

@@ -156,6 +156,7 @@ class ASRModel(BaseTuner):
         self.asr_router = nn.ModuleDict({adapter_name: router.to(device)})
         self._training_task: Optional[str] = None
         self._pinned: list[str] = []  # stack of tasks pinned by `use_task` (BASE_ROUTE pins the base model)
+        self._pin_tokens: list[object] = []  # one per entry of `_pinned`, so each pin removes its own entry
         self._held_pin: Optional[contextlib.ExitStack] = None  # see `hold_task`
         self._generating = 0  # > 0 inside a `generate` call of the PeftModel (set by `generate_scope`)
         # cache object returned by a routed forward -> that call's decisions (B,), so a forward continuing the cache
@@ -323,12 +324,15 @@ class ASRModel(BaseTuner):
         name = BASE_ROUTE if name is None else name
         if name != BASE_ROUTE:
             self._check_task(name)
+        token = object()  # this pin's own entry: pins may be released out of order (`hold_task`)
         self._pinned.append(name)
+        self._pin_tokens.append(token)
         self._sync_layers()
         try:
             yield
         finally:
-            self._pinned.pop()
+            index = next(i for i, t in enumerate(self._pin_tokens) if t is token)
+            del self._pinned[index], self._pin_tokens[index]
             self._sync_layers()
 
     def hold_task(self, name: Optional[str]) -> None:
@@ -376,6 +380,18 @@ class ASRModel(BaseTuner):
             normed = self._final_norm()(hidden)  # (B, L, d)
         return masked_mean(normed, mask.to(hidden.device), strict=strict)  # (B, L, d) -> (B, d)
 
+    def _absolute_positions(self) -> bool:
+        """Whether the model adds learned absolute position embeddings (GPT-2 ``wpe``, BERT ``position_embeddings``):
+        then a row's features depend on where its tokens start, and positions must come from the attention mask."""
+        if not hasattr(self, "_absolute_positions_found"):
+            inputs = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+            self._absolute_positions_found = any(
+                isinstance(m, nn.Embedding) and m is not inputs
+                and (name.rsplit(".", 1)[-1] == "wpe" or "position" in name.rsplit(".", 1)[-1])
+                for name, m in self.model.named_modules()
+            )
+        return self._absolute_positions_found
+
     def _takes_position_ids(self) -> bool:
         return "position_ids" in inspect.signature(self._feature_module().forward).parameters
 
@@ -393,7 +409,8 @@ class ASRModel(BaseTuner):
         device = self._device()
         tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if is_packed(tensors):
-            tensors = unpack_rows(tensors)  # (B, L) packed -> (examples, max length), one prompt per row
+            pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+            tensors = unpack_rows(tensors, pad)  # (B, L) packed -> (examples, max length), one prompt per row
         if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
             tensors.pop("labels", None)  # decoder targets: they say nothing about which encoder tokens are the prompt
         captured: dict[str, torch.Tensor] = {}
@@ -487,6 +504,29 @@ class ASRModel(BaseTuner):
             yield
         finally:
             self._generating -= 1
+
+    def _refuse_outside_a_pin(self, what: str) -> None:
+        if not self._pinned:
+            raise RuntimeError(
+                f"`{what}` (continuous batching) runs the model in a worker thread, outside any routed call, so rows "
+                "could not be routed. Use `generate` (per-row routing, or `task_names=[...]`), or pin one task for "
+                "the whole batch: `with model.use_task(name): model.generate_batch(...)`."
+            )
+
+    def generate_batch(self, *args, **kwargs):
+        """Continuous batching: only with a task pinned by ``use_task`` (its rows cannot be routed)."""
+        self._refuse_outside_a_pin("generate_batch")
+        return self.model.generate_batch(*args, **kwargs)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """Continuous batching: only with a task pinned by ``use_task`` (its rows cannot be routed)."""
+        self._refuse_outside_a_pin("init_continuous_batching")
+        return self.model.init_continuous_batching(*args, **kwargs)
+
+    def continuous_batching_context_manager(self, *args, **kwargs):
+        """Continuous batching: only with a task pinned by ``use_task`` (its rows cannot be routed)."""
+        self._refuse_outside_a_pin("continuous_batching_context_manager")
+        return self.model.continuous_batching_context_manager(*args, **kwargs)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):

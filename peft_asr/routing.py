@@ -48,12 +48,14 @@ class RoutingCall:
     generating: bool
     task_ids: Optional[torch.Tensor] = None  # (rows,) class per row: 0 base route, t + 1 the t-th task
     explicit: bool = False  # task_ids came from `task_names`
+    continued: bool = False  # task_ids came from the routed call whose cache this forward continues
     prompt_rows: Optional[int] = None  # generate: rows of the prompt as given (before beam expansion)
     prompt_length: Optional[int] = None  # generate: tokens of the prompt; the first forward pools positions [:L]
     prompt_attention: Optional[torch.Tensor] = None  # generate: (B, L) attention mask of the prompt
     expand: int = 1  # generate: rows per prompt after the expansion for beams / returned sequences
     inputs: Optional[dict] = None  # named inputs of the feature module's first call
     seen: bool = False
+    busy: bool = False  # a separate shallow pass runs inside the call: the hooks stand aside
     expanded: Optional[torch.Tensor] = None
 
 
@@ -122,11 +124,33 @@ def task_ids_from_names(task_names: Any, tasks: Sequence[str], device: torch.dev
     return torch.tensor(classes, dtype=torch.long, device=device)
 
 
-def _generation_setting(model: nn.Module, kwargs: Mapping[str, Any], name: str) -> Any:
+def _generation_setting(model: nn.Module, kwargs: Mapping[str, Any], name: str, args: tuple = ()) -> Any:
+    """A ``generate`` setting as ``generate`` resolves it: the keyword, else the ``generation_config`` passed (by
+    keyword or position), else the model's."""
     if name in kwargs:
         return kwargs[name]
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    from transformers import GenerationConfig
+
+    config = kwargs.get("generation_config")
+    if config is None:
+        config = next((a for a in args if isinstance(a, GenerationConfig)), None)
+    if config is None:
+        config = getattr(model, "generation_config", None)
     return getattr(config, name, None)
+
+
+def returned_cache(output: Any) -> Any:
+    """The cache a forward returned (``output.cache``; the first ``Cache`` of a tuple output), or ``None``."""
+    from transformers.cache_utils import Cache
+
+    if isinstance(output, Mapping):
+        for key in ("cache", "past_key_values"):
+            if output.get(key) is not None:
+                return output.get(key)
+        return None
+    if isinstance(output, tuple):
+        return next((item for item in output if isinstance(item, Cache)), None)
+    return None
 
 
 def _infer_attention(model: nn.Module, ids: Optional[torch.Tensor], rows: int, length: int, device, kwargs) -> torch.Tensor:
@@ -167,17 +191,17 @@ def generate_prompt(tuner, args: tuple, kwargs: Mapping[str, Any]) -> dict:
             f"a routed `generate` needs a 2-D `attention_mask` of shape {(rows, length)} (1 for real tokens, 0 for "
             f"padding), got {getattr(attention, 'shape', type(attention).__name__)}."
         )
-    beams = _generation_setting(model, kwargs, "num_beams") or 1
-    returned = _generation_setting(model, kwargs, "num_return_sequences") or 1
+    beams = _generation_setting(model, kwargs, "num_beams", args) or 1
+    returned = _generation_setting(model, kwargs, "num_return_sequences", args) or 1
     batch = {"inputs_embeds" if embeds is not None else "input_ids": source, "attention_mask": attention}
     return {"batch": batch, "rows": rows, "length": length, "attention": attention, "expand": max(beams, returned)}
 
 
-def _upfront_reason(tuner, kwargs: Mapping[str, Any]) -> Optional[str]:
+def _upfront_reason(tuner, args: tuple, kwargs: Mapping[str, Any]) -> Optional[str]:
     """Why the first forward of a ``generate`` cannot route on the whole prompt in the pass (None: it can)."""
     if tuner.model.training:
         return "training mode"  # dropout would make in-pass features differ from `route`'s
-    if _generation_setting(tuner.model, kwargs, "prefill_chunk_size") is not None:
+    if _generation_setting(tuner.model, kwargs, "prefill_chunk_size", args) is not None:
         return "chunked prefill"
     cache = _cache_of(kwargs)
     if cache is not None and cache_length(cache) > 0:
@@ -233,42 +257,18 @@ def plan_call(tuner, args: tuple, kwargs: Mapping[str, Any], generating: bool) -
             "it at the end of training), or pin a task with `use_task(name)`."
         )
     router.solve()
-    call = RoutingCall(generating)
-    if generating:
-        prompt = generate_prompt(tuner, args, kwargs)
-        call.prompt_rows, call.prompt_length = prompt["rows"], prompt["length"]
-        call.prompt_attention, call.expand = prompt["attention"], prompt["expand"]
-        if _upfront_reason(tuner, kwargs) is not None:
-            # one separate pass of the shallow blocks over the whole prompt, in eval mode: exactly `route`'s decision
-            call.task_ids = router.predict(tuner.router_features(prompt["batch"]))
-    return call
-
-
-def _check_rows(decisions: int, rows: Optional[int]) -> None:
-    if rows is not None and rows != decisions:
-        raise ValueError(f"`task_names` has {decisions} entries but the batch has {rows} rows; pass one per row.")
-
-
-# ------------------------------------------------------------------------------------------------ the hooks
-@contextlib.contextmanager
-def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
-    """Install the hooks that take (or reuse) the decision and hand it to every adapted layer; remove them after."""
-    router = tuner.router
-    feature_module = tuner._feature_module()
-
-    def capture(module, args, kwargs):
-        if call.seen:
-            return  # later forwards of a `generate` (decode steps, candidate checks): the decision is kept
-        call.seen = True
-        inputs = bind_inputs(module, args, kwargs)
-        call.inputs = inputs
-        if call.generating:
-            return
-        rows = _rows(inputs)
-        if call.explicit:
-            _check_rows(call.task_ids.shape[0], rows)
-            return
-        cache = _cache_of(inputs)
+    if generating and tuner.model.training and tuner.training_task is not None:
+        index = tuner.tasks.index(tuner.training_task) + 1
+        if float(router.class_counts[index]) == 0:  # one host read, in training mode only
+            task = tuner.training_task
+            raise RuntimeError(
+                f"`generate` in training mode routes on the prompt, but the task being trained ({task!r}) is not in "
+                f"the router yet, so no row could go to it. Pin it (`with model.use_task({task!r}):`) or pass "
+                "`task_names`; trainers that generate during training (TRL GRPO/RLOO rollouts) need "
+                "`ASRCallback(pin_during_training=True)`."
+            )
+    if not generating:
+        cache = _cache_of(kwargs)
         if cache is not None and cache_length(cache) > 0:
             try:
                 known = tuner._cache_routes.get(cache)
@@ -281,12 +281,72 @@ def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
                     "`task_names=[...]` (e.g. `model.route(**prompt_batch)`), or run the prompt through this model "
                     "first and pass the cache it returns."
                 )
-            if rows is not None and rows != known.shape[0]:
-                raise RuntimeError(
-                    f"this forward continues a routed cache of {known.shape[0]} rows with {rows} rows; pass "
-                    "`task_names=[...]` with one entry per row."
-                )
-            call.task_ids = known
+            return RoutingCall(False, task_ids=known, continued=True)
+        if kwargs.get("encoder_outputs") is not None:
+            raise ValueError(
+                "a routed forward got `encoder_outputs`: the encoder does not run, so the router cannot read the "
+                "prompt. Pass `task_names=[...]` (e.g. `model.route(**prompt_batch)`), or continue a cache that a "
+                "routed call of this model returned."
+            )
+    call = RoutingCall(generating)
+    if generating:
+        prompt = generate_prompt(tuner, args, kwargs)
+        call.prompt_rows, call.prompt_length = prompt["rows"], prompt["length"]
+        call.prompt_attention, call.expand = prompt["attention"], prompt["expand"]
+        if _upfront_reason(tuner, args, kwargs) is not None:
+            # one separate pass of the shallow blocks over the whole prompt, in eval mode: exactly `route`'s decision
+            call.task_ids = router.predict(tuner.router_features(prompt["batch"]))
+    return call
+
+
+def _check_rows(decisions: int, rows: Optional[int], what: str = "`task_names`") -> None:
+    if rows is not None and rows != decisions:
+        entries = "entries" if what == "`task_names`" else "rows"
+        raise ValueError(f"{what} has {decisions} {entries} but the batch has {rows} rows; pass one per row.")
+
+
+def _pads_before_tokens(mask: torch.Tensor) -> bool:
+    """Whether a real token comes after padding in some row (left padding): positions counted from the start of
+    the row then differ from those counted over real tokens. One host read."""
+    pads_so_far = (mask == 0).long().cumsum(dim=1) > 0  # (B, L)
+    return bool((pads_so_far & mask.bool()).any())
+
+
+def _check_first_generate_call(call: RoutingCall, inputs: Mapping[str, Any], rows: Optional[int]) -> None:
+    """Before the first forward of a ``generate`` runs: it must hold the whole prompt, in rows the decisions map to."""
+    source = inputs.get("inputs_embeds") if inputs.get("inputs_embeds") is not None else inputs.get("input_ids")
+    allowed = {call.prompt_rows, call.prompt_rows * call.expand} if call.prompt_rows else set()
+    if rows is not None and allowed and rows not in allowed:
+        raise RuntimeError(
+            f"the first forward of this `generate` has {rows} rows for {call.prompt_rows} prompts; pass "
+            "`task_names=[...]` or pin a task with `use_task`."
+        )
+    if call.task_ids is None and isinstance(source, torch.Tensor) and source.shape[1] < call.prompt_length:
+        raise RuntimeError(
+            f"the first forward of this `generate` sees {source.shape[1]} of the prompt's {call.prompt_length} "
+            "tokens, so it cannot route on the whole prompt; pass `task_names=[...]` or pin a task with `use_task`."
+        )
+
+
+# ------------------------------------------------------------------------------------------------ the hooks
+@contextlib.contextmanager
+def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
+    """Install the hooks that take (or reuse) the decision and hand it to every adapted layer; remove them after."""
+    router = tuner.router
+    feature_module = tuner._feature_module()
+
+    def capture(module, args, kwargs):
+        if call.seen or call.busy:
+            return  # later forwards of a `generate` (decode steps, candidate checks): the decision is kept
+        call.seen = True
+        inputs = bind_inputs(module, args, kwargs)
+        call.inputs = inputs
+        rows = _rows(inputs)
+        if call.generating:
+            _check_first_generate_call(call, inputs, rows)
+            return
+        if call.explicit or call.continued:
+            _check_rows(call.task_ids.shape[0], rows, "`task_names`" if call.explicit else "the routed cache")
             return
         mask = inputs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() != 2:
@@ -300,9 +360,19 @@ def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
                     "a routed forward got packed rows (`position_ids` restart inside a row): one row holds several "
                     "prompts, but a row takes one task. Route unpacked rows, or pass `task_names` per row."
                 )
+        elif isinstance(mask, torch.Tensor) and tuner._absolute_positions() and _pads_before_tokens(mask):
+            # an absolute-position model runs this call with positions counted from the pads, `route` and
+            # `generate` from the mask: decide on the prompt as they see it, by one separate shallow pass
+            batch = {k: inputs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "labels")
+                     if isinstance(inputs.get(k), torch.Tensor)}
+            call.busy = True
+            try:
+                call.task_ids = router.predict(tuner.router_features(batch))
+            finally:
+                call.busy = False
 
     def decide(_module, args, kwargs):
-        if call.task_ids is not None:
+        if call.task_ids is not None or call.busy:
             return
         hidden = hidden_from_call(args, kwargs)  # (B', n, d)
         if call.generating:
@@ -345,7 +415,7 @@ def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
         return args, kwargs
 
     def record(_module, _args, _kwargs, output):
-        cache = getattr(output, "past_key_values", None) if output is not None else None
+        cache = returned_cache(output)
         if cache is not None and call.task_ids is not None:
             try:
                 tuner._cache_routes[cache] = call.task_ids
@@ -356,8 +426,8 @@ def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
     try:
         if call.task_ids is None:
             handles.append(tuner._router_block().register_forward_pre_hook(decide, with_kwargs=True))
-        if not call.generating:
-            handles.append(feature_module.register_forward_hook(record, with_kwargs=True))
+        if not call.generating:  # the whole model's output holds the cache (the encoder's does not, for seq2seq)
+            handles.append(tuner.model.register_forward_hook(record, with_kwargs=True))
         handles.extend(layer.register_forward_pre_hook(hand_over, with_kwargs=True) for layer in tuner._asr_layers())
         yield
     finally:

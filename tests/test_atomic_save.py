@@ -268,3 +268,15 @@ def test_recovery_deletes_only_this_hosts_leftovers_of_dead_processes(tmp_path):
     peft_asr.recover_bank(tmp_path / "bank")
     assert not ours_dead.exists()
     assert ours_alive.is_dir() and other_host.is_dir() and no_host.is_dir()
+
+
+def test_recovery_of_a_bank_whose_name_has_hyphens(tmp_path):
+    """`checkpoint-500`: the save token is read from the end of the leftover's name, not split at the first '-'."""
+    from peft_asr.hub import _host_id
+
+    token = f"{_host_id()}-999999-abc"
+    new = _fake_bank(tmp_path / f".checkpoint-500.tmp-{token}")
+    (new / "marker").write_text("new")
+    _fake_bank(tmp_path / f".checkpoint-500.old-{token}")
+    assert peft_asr.recover_bank(tmp_path / "checkpoint-500") is True
+    assert (tmp_path / "checkpoint-500" / "marker").read_text() == "new"

@@ -90,6 +90,46 @@ def test_packed_rows_are_split_into_one_row_per_example():
     assert "position_ids" not in out
 
 
-def test_shape_mismatch_raises():
+def test_labels_of_another_shape_are_refused_by_the_batch_check():
+    from peft_asr.validation import check_batch
+
+    # in a routed forward such labels are a target, not token labels; a `fit_router`/`route` batch is checked first
+    assert prompt_mask(torch.ones(2, 3), torch.zeros(2, 4, dtype=torch.long)).all()
     with pytest.raises(ValueError, match="`labels` has shape"):
-        prompt_mask(torch.ones(2, 3), torch.zeros(2, 4, dtype=torch.long))
+        check_batch({"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)})
+
+
+def test_pad_equal_to_eos_labels_do_not_shrink_the_prompt_to_the_eos():
+    """DataCollatorForLanguageModeling with pad == eos (the GPT-2 recipe) sets -100 on every real EOS token too."""
+    eos = 9
+    ids = torch.tensor([[4, 5, 6, eos, eos], [4, eos, 6, 7, eos]])
+    attn = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    labels = ids.masked_fill(ids == eos, -100)
+    assert prompt_mask(attn, labels).tolist() == [[True, True, True, True, False], [True] * 5]
+    # a prompt-masked row that also ends in a masked EOS keeps its prompt only
+    labels = torch.tensor([[-100, -100, 6, -100, -100]])
+    assert prompt_mask(torch.ones(1, 5), labels).tolist() == [[True, True, False, False, False]]
+
+
+def test_float_multi_label_targets_are_ignored():
+    assert prompt_mask(torch.ones(2, 3), torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])).all()
+
+
+def test_padding_free_pads_are_not_examples():
+    from peft_asr.features import unpack_rows
+
+    pad = 0
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, pad, pad, pad]]),
+             "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0]])}  # pad_to_multiple_of=8
+    assert unpack_rows(batch, pad)["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    # a real one-token example of another id is kept
+    batch["input_ids"][0, 5] = 3
+    assert unpack_rows(batch, pad)["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0], [3, 0, 0]]
+
+
+def test_sequence_boundaries_alone_unpack_too():
+    from peft_asr.features import is_packed, unpack_rows
+
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "cu_seq_lens_q": torch.tensor([0, 3, 5], dtype=torch.int32)}
+    assert is_packed(batch)
+    assert unpack_rows(batch)["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]

@@ -81,3 +81,38 @@ def test_peft_config_loader_accepts_our_type(tmp_path):
     ASRConfig(task_type="CAUSAL_LM", tasks=["a"]).save_pretrained(tmp_path)
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, ASRConfig) and loaded.tasks == ["a"]
+
+
+def test_generate_and_init_wrappers_and_the_special_forward_arguments():
+    """`task_names` reaches `_enable_peft_forward_hooks` and is stripped before the base model (PEFT's
+    `special_peft_forward_args`); `generate` of the PeftModel classes enters the tuner's generate scope."""
+    from peft import peft_model
+    from peft.peft_model import PeftModel
+
+    import peft_asr  # noqa: F401
+    from peft_asr._registry import GENERATE_CLASSES, TASK_NAMES_ARG
+
+    assert getattr(PeftModel.__init__, "__peft_asr_wrapped__", False)
+    for name in GENERATE_CLASSES:
+        cls = getattr(peft_model, name)
+        assert "generate" in cls.__dict__ and getattr(cls.__dict__["generate"], "__peft_asr_wrapped__", False), name
+        src = inspect.getsource(cls.__dict__["generate"].__wrapped__)
+        assert "_enable_peft_forward_hooks" in src and "special_peft_forward_args" in src, name
+    # every other PeftModel class inherits one of the wrapped `generate`s (or has none)
+    for name, cls in vars(peft_model).items():
+        if isinstance(cls, type) and issubclass(cls, PeftModel) and "generate" in cls.__dict__:
+            assert name in GENERATE_CLASSES, f"{name} defines its own generate: wrap it in _registry"
+    init_src = inspect.getsource(PeftModel.__init__.__wrapped__)
+    assert "self.special_peft_forward_args" in init_src
+    forward_src = inspect.getsource(peft_model.PeftModelForCausalLM.forward)
+    assert "k not in self.special_peft_forward_args" in forward_src
+
+    from conftest import tiny_llama
+    from peft import get_peft_model
+
+    from peft_asr import ASRConfig
+
+    model = get_peft_model(tiny_llama(), ASRConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], router_layer=1))
+    assert TASK_NAMES_ARG in model.special_peft_forward_args
+    other = get_peft_model(tiny_llama(), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    assert TASK_NAMES_ARG not in other.special_peft_forward_args

@@ -20,6 +20,7 @@ from peft import get_peft_model
 
 import peft_asr  # noqa: F401
 from peft_asr import ASRConfig
+from peft_asr.features import positions_from_mask
 
 GEN = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 ALPHA = prompts(*ALPHA_IDS, 4, seed=11)
@@ -284,16 +285,33 @@ def test_task_names_with_base_rows_on_forward_and_generate(model, rows):
         assert new[i].tolist() == ref[0].tolist(), i
 
 
+class Work:
+    """Counts calls of the input embeddings: any refusal "before any work" must leave it at 0."""
+
+    def __init__(self, model):
+        self.module = model.get_input_embeddings()
+        self.calls = 0
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 def test_task_names_are_validated_before_any_work(model):
     batch = left_pad([ALPHA[0], BETA[0]])
-    with pytest.raises(ValueError, match=r"`task_names\[1\]` is 'gamma', which is not a task of the bank"):
-        model(**batch, task_names=["alpha", "gamma"])
-    with pytest.raises(ValueError, match="`task_names` has 1 entries but the batch has 2 rows"):
-        model(**batch, task_names=["alpha"])
-    with pytest.raises(ValueError, match="`task_names` has 3 entries but the batch has 2 rows"):
-        model.generate(**batch, task_names=["alpha", "beta", None], max_new_tokens=2, **GEN)
-    with pytest.raises(TypeError, match="one entry per row"):
-        model(**batch, task_names="alpha")
+    with Work(model) as work:
+        with pytest.raises(ValueError, match=r"`task_names\[1\]` is 'gamma', which is not a task of the bank"):
+            model(**batch, task_names=["alpha", "gamma"])
+        with pytest.raises(ValueError, match="`task_names` has 1 entries but the batch has 2 rows"):
+            model(**batch, task_names=["alpha"])
+        with pytest.raises(ValueError, match="`task_names` has 3 entries but the batch has 2 rows"):
+            model.generate(**batch, task_names=["alpha", "beta", None], max_new_tokens=2, **GEN)
+        with pytest.raises(TypeError, match="one entry per row"):
+            model(**batch, task_names="alpha")
+    assert work.calls == 0
 
 
 # ---------------------------------------------------------------- one prompt rule, one way to compute positions
@@ -303,15 +321,8 @@ def _gpt2_model():
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=4, n_head=4, n_positions=64, pad_token_id=0,
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
-    model = get_peft_model(base, ASRConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["c_attn"],
-                                           router_layer=2))
-    model.add_task("alpha")
-    model.add_task("beta")
-    randomize_tasks(model)
-    # training prompts of varied lengths, right-padded: positions are the same with or without the mask rule
-    model.fit_router([right_pad(prompts(*ALPHA_IDS, 48, seed=1))], task="alpha", progress=False)
-    model.fit_router([right_pad(prompts(*BETA_IDS, 48, seed=2))], task="beta", progress=False)
-    return model.eval()
+    # fitted on left-padded prompts: with positions from the mask, their features do not depend on the padding
+    return two_task_model(base, target_modules=["c_attn"])
 
 
 def test_absolute_positions_gpt2_route_the_same_padded_alone_and_in_generate():
@@ -328,6 +339,23 @@ def test_absolute_positions_gpt2_route_the_same_padded_alone_and_in_generate():
     new = _new_tokens(out, left_pad(rows))
     for i, ref in enumerate(_pinned_generate(model, rows, tasks, max_new_tokens=4)):
         assert new[i].tolist() == ref[0].tolist(), i
+
+
+def test_absolute_positions_gpt2_routed_forward_decides_like_route():
+    """A left-padded routed forward without `position_ids` runs GPT-2 with positions counted from the pads (as HF
+    does); its decision is still `route`'s (one separate shallow pass), so the logits equal `task_names=route(...)`."""
+    model = _gpt2_model()
+    rows = [ALPHA[0], BETA[0][:3], ALPHA[1] + ALPHA[2], BETA[1]] + ambiguous_prompts(model, 4, seed=21)
+    batch = left_pad(rows)
+    tasks = model.route(**batch)
+    with torch.no_grad(), Decisions(model) as seen:
+        routed = model(**batch).logits
+        explicit = model(**batch, task_names=tasks).logits
+    assert torch.allclose(seen.pooled[0], _alone_features(model, rows), atol=1e-6)
+    assert torch.allclose(routed, explicit, atol=1e-6)
+    with torch.no_grad(), Decisions(model) as seen:  # with generate's positions the decision is taken in the pass
+        model(**batch, position_ids=positions_from_mask(batch["attention_mask"]))
+    assert torch.allclose(seen.pooled[0], _alone_features(model, rows), atol=1e-6)
 
 
 # ---------------------------------------------------------------- no silent merge
@@ -374,25 +402,13 @@ def test_packed_rows_in_a_routed_forward_are_refused(model):
 
 
 def test_seq2seq_beams_expand_the_encoder_decision():
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    base = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=3,
-                                               num_decoder_layers=3, num_heads=4, pad_token_id=0,
-                                               decoder_start_token_id=0, dropout_rate=0.0)).eval()
-    model = get_peft_model(base, ASRConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, target_modules=["q", "v"],
-                                           router_layer=1))
-    model.add_task("alpha")
-    model.add_task("beta")
-    randomize_tasks(model)
-    model.fit_router([right_pad(prompts(*ALPHA_IDS, 32, seed=1))], task="alpha", progress=False)
-    model.fit_router([right_pad(prompts(*BETA_IDS, 32, seed=2))], task="beta", progress=False)
-    model.eval()
+    model = _t5_model()
     rows = [ALPHA[0], BETA[0], BETA[1], ALPHA[1]]
     batch = right_pad(rows)
     tasks = model.route(**batch)
     assert tasks == ["alpha", "beta", "beta", "alpha"]
     out = model.generate(**batch, max_new_tokens=4, num_beams=2, do_sample=False, eos_token_id=None)
+    differ = 0
     for i, (row, task) in enumerate(zip(rows, tasks)):
         with model.use_task(task):
             ref = model.generate(**right_pad([row]), max_new_tokens=4, num_beams=2, do_sample=False,
@@ -402,7 +418,8 @@ def test_seq2seq_beams_expand_the_encoder_decision():
             wrong = model.generate(**right_pad([row]), max_new_tokens=4, num_beams=2, do_sample=False,
                                    eos_token_id=None)
         assert out[i].tolist() == ref[0].tolist(), i
-        assert wrong[0].tolist() != ref[0].tolist() or i > 0  # the tasks differ, so the check has teeth
+        differ += wrong[0].tolist() != ref[0].tolist()
+    assert differ >= 2  # the tasks answer differently, so the comparison has teeth
 
 
 def test_generate_refuses_encoder_outputs_without_a_prompt():
@@ -429,10 +446,83 @@ def test_refusals_leave_no_hook_behind(model):
 
     before = hooks()
     batch = left_pad([ALPHA[0], BETA[0]])
-    for call in (lambda: model(**batch, task_names=["alpha", "nope"]),
-                 lambda: model(input_ids=torch.tensor([[12, 13, 61]]), position_ids=torch.tensor([[0, 1, 0]]))):
+    # each of these is refused by a hook, inside the call (the hooks exist then)
+    for call in (lambda: model(**batch, task_names=["alpha"]),
+                 lambda: model(input_ids=torch.tensor([[12, 13, 61]]), position_ids=torch.tensor([[0, 1, 0]])),
+                 lambda: model(input_ids=torch.tensor([[12, 13]]), attention_mask=torch.ones(1, 1, 2, 2))):
         with pytest.raises(ValueError):
             with torch.no_grad():
                 call()
-    assert hooks() == before
-    assert copy.deepcopy(model) is not None  # the cache map deep-copies with the model
+        assert hooks() == before
+    with torch.no_grad():  # a routed call with a cache leaves its decision behind, and a deep copy keeps routing
+        model(**batch, use_cache=True)
+    twin = copy.deepcopy(model)
+    assert twin.route(**batch) == model.route(**batch) == ["alpha", "beta"]
+
+
+def _t5_model():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=3,
+                                               num_decoder_layers=3, num_heads=4, pad_token_id=0,
+                                               decoder_start_token_id=0, dropout_rate=0.0)).eval()
+    return two_task_model(base, router_layer=1, task_type="SEQ_2_SEQ_LM", target_modules=["q", "v"])
+
+
+def test_seq2seq_manual_decode_loop_reuses_the_prompt_decision():
+    model = _t5_model()
+    batch = right_pad([ALPHA[0], BETA[0]])
+    tasks = model.route(**batch)
+    start = torch.zeros(2, 1, dtype=torch.long)
+
+    def loop(task_names=None):
+        extra = {} if task_names is None else {"task_names": task_names}
+        with torch.no_grad():
+            out = model(**batch, decoder_input_ids=start, use_cache=True, **extra)
+            tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+            for _ in range(3):
+                out = model(encoder_outputs=(out.encoder_last_hidden_state,), attention_mask=batch["attention_mask"],
+                            decoder_input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True,
+                            **extra)
+                tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        return torch.cat(tokens, dim=1)
+
+    assert torch.equal(loop(), loop(task_names=tasks))
+    with torch.no_grad(), model.use_task("alpha"):
+        encoded = model.get_encoder()(**batch)
+    with Work(model) as work, pytest.raises(ValueError, match="got `encoder_outputs`"):
+        with torch.no_grad():
+            model(encoder_outputs=encoded, attention_mask=batch["attention_mask"], decoder_input_ids=start)
+    assert work.calls == 0
+
+
+def test_generate_in_training_mode_refuses_while_the_trained_task_is_unknown(model):
+    model.base_model.add_task("gamma")
+    model.train()
+    try:
+        with Work(model) as work, pytest.raises(RuntimeError, match=r"\('gamma'\) is not in the router yet"):
+            model.generate(**left_pad([ALPHA[0]]), max_new_tokens=2, **GEN)
+        assert work.calls == 0
+        with model.use_task("gamma"):  # what `ASRCallback(pin_during_training=True)` does for RL rollouts
+            model.generate(**left_pad([ALPHA[0]]), max_new_tokens=2, **GEN)
+    finally:
+        model.eval()
+        model.base_model.remove_task("gamma")
+
+
+def test_continuous_batching_is_refused_unless_a_task_is_pinned(model):
+    with pytest.raises(RuntimeError, match=r"`generate_batch` \(continuous batching\) runs the model in a worker"):
+        model.generate_batch([[12, 13, 14]], max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="continuous batching"):
+        model.init_continuous_batching()
+
+
+def test_pins_are_released_in_any_order(model):
+    base = model.base_model
+    base.hold_task("beta")
+    with model.use_task("alpha"):
+        base.release_task()  # a new run releases the held pin while the user's `with` block is open
+        assert base._pinned == ["alpha"]
+        assert model.route(**left_pad([BETA[0]])) == ["beta"]  # route ignores pins; the forward uses alpha
+    assert base._pinned == []

@@ -133,6 +133,10 @@ def test_a_run_that_dies_leaves_no_pin_and_generate_routes(tmp_path):
         trainer.train()
     assert model.base_model._pinned == []  # nothing pinned beta: the router still decides
     batch = left_pad(prompts(*ALPHA_IDS, 3, seed=9))
+    assert model.training  # the dead run left the model in training mode, and beta is not in the router:
+    with pytest.raises(RuntimeError, match=r"task being trained \('beta'\) is not in the router yet"):
+        model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    model.eval()
     with model.use_task("alpha"):
         pinned = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0), pinned)
@@ -181,3 +185,49 @@ def test_router_batches_are_checked_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match="have no prompt token"):
         trainer.train()
     assert steps == []
+
+
+def test_evaluation_of_several_eval_datasets_all_use_the_task_being_trained(tmp_path):
+    """`eval_dataset={...}`: `Trainer.evaluate` runs once per dataset and fires `on_evaluate` after each one; every
+    one of them must see the pinned task (the router does not know it yet: a routed call would refuse)."""
+    model = _model()
+    model.add_task("alpha")
+    seen = []
+    handle = model.base_model.model.register_forward_pre_hook(  # batches with labels: training and evaluation
+        lambda m, a, k: seen.append((m.training, list(model.base_model._pinned))) if "labels" in k else None,
+        with_kwargs=True)
+    try:
+        trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2),
+                          train_dataset=DATA["alpha"], data_collator=collate,
+                          eval_dataset={"first": DATA["alpha"], "second": DATA["alpha"]},
+                          callbacks=[ASRCallback(progress=False)])
+        trainer.train()
+    finally:
+        handle.remove()
+    evals = [pins for training, pins in seen if not training]
+    assert len(evals) == 2 * 3 and all(pins == ["alpha"] for pins in evals), evals  # 2 datasets x 24 rows / 8
+    logs = {k: v for log in trainer.state.log_history for k, v in log.items() if k.endswith("_loss")}
+    assert logs["eval_first_loss"] == pytest.approx(logs["eval_second_loss"], rel=1e-6)
+    assert model.base_model._pinned == []
+
+
+def test_pin_during_training_for_trainers_that_generate(tmp_path):
+    from transformers import TrainerCallback
+
+    outputs = []
+
+    class Rollout(TrainerCallback):  # what an RL trainer does inside its steps: generate in training mode
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            outputs.append(model.generate(**left_pad(prompts(*BETA_IDS, 2, seed=3)), max_new_tokens=2,
+                                          do_sample=False, pad_token_id=0))
+
+    model = _model()
+    _train(model, "alpha", tmp_path / "a")
+    model.add_task("beta")
+    Trainer(model=model, args=_args(tmp_path / "b", max_steps=2), train_dataset=DATA["beta"], data_collator=collate,
+            callbacks=[ASRCallback(progress=False, pin_during_training=True), Rollout()]).train()
+    assert len(outputs) == 2 and model.base_model._pinned == []
+    with pytest.raises(RuntimeError, match="not in the router yet"):  # the same without the pin: refused, not misrouted
+        model.add_task("gamma")
+        Trainer(model=model, args=_args(tmp_path / "c", max_steps=1), train_dataset=DATA["beta"],
+                data_collator=collate, callbacks=[ASRCallback(progress=False), Rollout()]).train()
