@@ -251,12 +251,6 @@ def plan_call(tuner, args: tuple, kwargs: Mapping[str, Any], generating: bool) -
             )
         return None
     router = tuner.router
-    if not router.is_fitted:
-        raise RuntimeError(
-            "the router has not been fitted on any task yet: call `fit_router(batches, task=...)` (ASRCallback does "
-            "it at the end of training), or pin a task with `use_task(name)`."
-        )
-    router.solve()
     if generating and tuner.model.training and tuner.training_task is not None:
         index = tuner.tasks.index(tuner.training_task) + 1
         if float(router.class_counts[index]) == 0:  # one host read, in training mode only
@@ -267,6 +261,12 @@ def plan_call(tuner, args: tuple, kwargs: Mapping[str, Any], generating: bool) -
                 "`task_names`; trainers that generate during training (TRL GRPO/RLOO rollouts) need "
                 "`ASRCallback(pin_during_training=True)`."
             )
+    if not router.is_fitted:
+        raise RuntimeError(
+            "the router has not been fitted on any task yet: call `fit_router(batches, task=...)` (ASRCallback does "
+            "it at the end of training), or pin a task with `use_task(name)`."
+        )
+    router.solve()
     if not generating:
         cache = _cache_of(kwargs)
         if cache is not None and cache_length(cache) > 0:
