@@ -146,6 +146,13 @@ def test_generate_with_sampling_and_without_cache_routes_once_per_row():
     torch.manual_seed(0)
     out = model.generate(**left_pad(MIXED), max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0)
     assert out.shape == (len(MIXED), left_pad(MIXED)["input_ids"].shape[1] + 4)
+    # sampling from the single most likely token is greedy: then every sampled row equals its row alone, pinned
+    sampled = model.generate(**left_pad(MIXED), max_new_tokens=4, do_sample=True, top_k=1, pad_token_id=0)
+    new = sampled[:, left_pad(MIXED)["input_ids"].shape[1]:]
+    for i, (row, task) in enumerate(zip(MIXED, MIXED_TASKS)):
+        with model.use_task(task):
+            ref = model.generate(**left_pad([row]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert new[i].tolist() == ref[0, len(row):].tolist(), (i, task)
     a = model.generate(**left_pad(MIXED), max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
     b = model.generate(**left_pad(MIXED), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b)
