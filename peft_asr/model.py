@@ -157,7 +157,7 @@ class ASRModel(BaseTuner):
         self._training_task: Optional[str] = None
         self._pinned: list[str] = []  # stack of tasks pinned by `use_task` (BASE_ROUTE pins the base model)
         self._pin_tokens: list[object] = []  # one per entry of `_pinned`, so each pin removes its own entry
-        self._held_pin: Optional[contextlib.ExitStack] = None  # see `hold_task`
+        self._held_pin: Optional[object] = None  # the token of the pin of `hold_task`
         self._generating = 0  # > 0 inside a `generate` call of the PeftModel (set by `generate_scope`)
         # cache object returned by a routed forward -> that call's decisions (B,), so a forward continuing the cache
         # reuses them instead of routing on its new tokens; weak keys: an entry goes with its cache
@@ -318,9 +318,7 @@ class ASRModel(BaseTuner):
             self._training_task = None
         self._sync_layers()
 
-    @contextlib.contextmanager
-    def use_task(self, name: Optional[str]) -> Iterator[None]:
-        """Pin every row to task ``name`` (no routing) inside a ``with`` block; ``None`` pins the plain base model."""
+    def _push_pin(self, name: Optional[str]) -> object:
         name = BASE_ROUTE if name is None else name
         if name != BASE_ROUTE:
             self._check_task(name)
@@ -328,12 +326,22 @@ class ASRModel(BaseTuner):
         self._pinned.append(name)
         self._pin_tokens.append(token)
         self._sync_layers()
+        return token
+
+    def _pop_pin(self, token: object) -> None:
+        index = next((i for i, t in enumerate(self._pin_tokens) if t is token), None)
+        if index is not None:
+            del self._pinned[index], self._pin_tokens[index]
+            self._sync_layers()
+
+    @contextlib.contextmanager
+    def use_task(self, name: Optional[str]) -> Iterator[None]:
+        """Pin every row to task ``name`` (no routing) inside a ``with`` block; ``None`` pins the plain base model."""
+        token = self._push_pin(name)
         try:
             yield
         finally:
-            index = next(i for i, t in enumerate(self._pin_tokens) if t is token)
-            del self._pinned[index], self._pin_tokens[index]
-            self._sync_layers()
+            self._pop_pin(token)
 
     def hold_task(self, name: Optional[str]) -> None:
         """Pin ``name`` until :meth:`release_task` (``use_task`` without a ``with`` block; one held pin at a time).
@@ -343,16 +351,24 @@ class ASRModel(BaseTuner):
         behind once the next run starts.
         """
         self.release_task()
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.use_task(name))
-        self._held_pin = stack
+        self._held_pin = self._push_pin(name)
 
     def release_task(self) -> None:
         """Drop the pin of :meth:`hold_task`, if any."""
-        stack = getattr(self, "_held_pin", None)
-        self._held_pin = None
-        if stack is not None:
-            stack.close()
+        token, self._held_pin = getattr(self, "_held_pin", None), None
+        if token is not None:
+            self._pop_pin(token)
+
+    def __getstate__(self) -> dict:
+        # the cache map holds weak references (not picklable) to caches of this process only
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_cache_routes", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._cache_routes = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ router features
     @contextlib.contextmanager
@@ -392,7 +408,16 @@ class ASRModel(BaseTuner):
             )
         return self._absolute_positions_found
 
-    def _takes_position_ids(self) -> bool:
+    def _positions_from_mask(self) -> bool:
+        """Whether routing derives ``position_ids`` from the attention mask: decoder-only models that generate
+        (``generate`` derives them so); encoders (BERT, RoBERTa's padding-aware positions, T5's encoder) keep their
+        own defaults, which is what their routed forward runs with too."""
+        config = getattr(self.model, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            return False
+        can_generate = getattr(self.model, "can_generate", None)
+        if not (callable(can_generate) and can_generate()):
+            return False
         return "position_ids" in inspect.signature(self._feature_module().forward).parameters
 
     def router_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -419,9 +444,9 @@ class ASRModel(BaseTuner):
             captured["pooled"] = self._pool(hidden_from_call(args, kwargs), tensors)
             raise _StopForward
 
-        call = {k: tensors[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+        call = {k: tensors[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
                 if tensors.get(k) is not None}
-        if "position_ids" not in call and "attention_mask" in call and self._takes_position_ids():
+        if "position_ids" not in call and "attention_mask" in call and self._positions_from_mask():
             call["position_ids"] = positions_from_mask(call["attention_mask"])  # as `generate` derives them
         handle = self._router_block().register_forward_pre_hook(hook, with_kwargs=True)
         try:
@@ -505,28 +530,31 @@ class ASRModel(BaseTuner):
         finally:
             self._generating -= 1
 
-    def _refuse_outside_a_pin(self, what: str) -> None:
+    def generate_batch(self, *args, **kwargs):
+        """Continuous batching, only inside ``use_task``: its worker thread runs outside any routed call, so rows
+        cannot be routed; the pin holds for the whole call."""
         if not self._pinned:
             raise RuntimeError(
-                f"`{what}` (continuous batching) runs the model in a worker thread, outside any routed call, so rows "
-                "could not be routed. Use `generate` (per-row routing, or `task_names=[...]`), or pin one task for "
-                "the whole batch: `with model.use_task(name): model.generate_batch(...)`."
+                "`generate_batch` (continuous batching) runs the model in a worker thread, outside any routed call, "
+                "so rows could not be routed. Use `generate` (per-row routing, or `task_names=[...]`), or pin one "
+                "task for the whole batch: `with model.use_task(name): model.generate_batch(...)`."
             )
-
-    def generate_batch(self, *args, **kwargs):
-        """Continuous batching: only with a task pinned by ``use_task`` (its rows cannot be routed)."""
-        self._refuse_outside_a_pin("generate_batch")
         return self.model.generate_batch(*args, **kwargs)
 
+    def _refuse_continuous_batching_manager(self, what: str):
+        raise RuntimeError(
+            f"`{what}` returns a continuous-batching manager whose worker thread runs the model outside any routed "
+            "call, possibly after a `use_task` block has ended, so its rows could be answered by no task or a wrong "
+            "one. Use `with model.use_task(name): model.generate_batch(...)`, or `generate` with per-row routing."
+        )
+
     def init_continuous_batching(self, *args, **kwargs):
-        """Continuous batching: only with a task pinned by ``use_task`` (its rows cannot be routed)."""
-        self._refuse_outside_a_pin("init_continuous_batching")
-        return self.model.init_continuous_batching(*args, **kwargs)
+        """Refused: see :meth:`generate_batch`."""
+        self._refuse_continuous_batching_manager("init_continuous_batching")
 
     def continuous_batching_context_manager(self, *args, **kwargs):
-        """Continuous batching: only with a task pinned by ``use_task`` (its rows cannot be routed)."""
-        self._refuse_outside_a_pin("continuous_batching_context_manager")
-        return self.model.continuous_batching_context_manager(*args, **kwargs)
+        """Refused: see :meth:`generate_batch`."""
+        self._refuse_continuous_batching_manager("continuous_batching_context_manager")
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):

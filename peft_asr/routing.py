@@ -17,9 +17,11 @@ How the decision reaches the deep layers: forward pre-hooks installed for the du
 (:func:`routing_hooks`) and removed in ``finally``. In the common case (an eval-mode ``generate`` or prompt
 ``forward``) the decision is taken *in the pass*: a pre-hook on the router block pools the hidden state entering it
 over the prompt positions and predicts, so the shallow blocks run once. Where the first forward of a ``generate``
-cannot see the whole prompt as the router must see it (chunked prefill, a cache passed in, training mode with its
-dropout), the decision is taken up front by one separate pass of the shallow blocks over the prompt (the same
-function as ``route``), and then kept.
+cannot see the whole prompt as the router must see it (chunked prefill, training mode with its dropout), the
+decision is taken up front by one separate pass of the shallow blocks over the prompt (the same function as
+``route``), and then kept. A call that continues a cache (a manual decode loop, ``generate`` on a cache passed in)
+keeps the decision of the routed call that made the cache, whose deep-layer states were computed with it; a cache
+no routed call made is refused.
 
 Per-call state lives in a :class:`RoutingCall` created for the call; the only state kept between calls is the map
 from a cache object a routed ``forward`` returned to that call's decision (weakly keyed: it goes with the cache).
@@ -203,9 +205,6 @@ def _upfront_reason(tuner, args: tuple, kwargs: Mapping[str, Any]) -> Optional[s
         return "training mode"  # dropout would make in-pass features differ from `route`'s
     if _generation_setting(tuner.model, kwargs, "prefill_chunk_size", args) is not None:
         return "chunked prefill"
-    cache = _cache_of(kwargs)
-    if cache is not None and cache_length(cache) > 0:
-        return "a cache passed in"
     if kwargs.get("encoder_outputs") is not None:
         return "encoder outputs passed in"
     return None
@@ -267,21 +266,16 @@ def plan_call(tuner, args: tuple, kwargs: Mapping[str, Any], generating: bool) -
             "it at the end of training), or pin a task with `use_task(name)`."
         )
     router.solve()
+    cache = _cache_of(kwargs)
+    if cache is not None and cache_length(cache) > 0:
+        # the cache's deep-layer states were computed with some task: continue with that one, or refuse
+        known = _known_decision(tuner, cache, "generate" if generating else "forward")
+        call = RoutingCall(generating, task_ids=known, continued=True)
+        if generating:
+            prompt = generate_prompt(tuner, args, kwargs)
+            call.prompt_rows, call.expand = known.shape[0], prompt["expand"]
+        return call
     if not generating:
-        cache = _cache_of(kwargs)
-        if cache is not None and cache_length(cache) > 0:
-            try:
-                known = tuner._cache_routes.get(cache)
-            except TypeError:
-                known = None
-            if known is None:
-                raise RuntimeError(
-                    f"this forward continues a cache of {cache_length(cache)} tokens that no routed call of this "
-                    "model produced, so its prompt is unknown and the new tokens alone must not be routed. Pass "
-                    "`task_names=[...]` (e.g. `model.route(**prompt_batch)`), or run the prompt through this model "
-                    "first and pass the cache it returns."
-                )
-            return RoutingCall(False, task_ids=known, continued=True)
         if kwargs.get("encoder_outputs") is not None:
             raise ValueError(
                 "a routed forward got `encoder_outputs`: the encoder does not run, so the router cannot read the "
@@ -297,6 +291,22 @@ def plan_call(tuner, args: tuple, kwargs: Mapping[str, Any], generating: bool) -
             # one separate pass of the shallow blocks over the whole prompt, in eval mode: exactly `route`'s decision
             call.task_ids = router.predict(tuner.router_features(prompt["batch"]))
     return call
+
+
+def _known_decision(tuner, cache: Any, what: str) -> torch.Tensor:
+    try:
+        known = tuner._cache_routes.get(cache)
+    except TypeError:
+        known = None
+    if known is None:
+        raise RuntimeError(
+            f"this {what} continues a cache of {cache_length(cache)} tokens that no routed call of this model "
+            "produced (a cache made by the plain base model, inside `use_task` or elsewhere), so its prompt and the "
+            "task of its deep layers are unknown, and the new tokens alone must not be routed. Pass "
+            "`task_names=[...]` (e.g. `model.route(**prompt_batch)`), pin a task with `use_task`, or run the prompt "
+            "through this model first and pass the cache it returns."
+        )
+    return known
 
 
 def _check_rows(decisions: int, rows: Optional[int], what: str = "`task_names`") -> None:
@@ -360,10 +370,11 @@ def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
                     "a routed forward got packed rows (`position_ids` restart inside a row): one row holds several "
                     "prompts, but a row takes one task. Route unpacked rows, or pass `task_names` per row."
                 )
-        elif isinstance(mask, torch.Tensor) and tuner._absolute_positions() and _pads_before_tokens(mask):
+        elif (isinstance(mask, torch.Tensor) and tuner._absolute_positions() and tuner._positions_from_mask()
+              and _pads_before_tokens(mask)):
             # an absolute-position model runs this call with positions counted from the pads, `route` and
             # `generate` from the mask: decide on the prompt as they see it, by one separate shallow pass
-            batch = {k: inputs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "labels")
+            batch = {k: inputs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "labels", "token_type_ids")
                      if isinstance(inputs.get(k), torch.Tensor)}
             call.busy = True
             try:
@@ -415,19 +426,24 @@ def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
         return args, kwargs
 
     def record(_module, _args, _kwargs, output):
-        cache = returned_cache(output)
-        if cache is not None and call.task_ids is not None:
-            try:
-                tuner._cache_routes[cache] = call.task_ids
-            except TypeError:
-                pass  # a cache that cannot be weakly referenced: a continuing call will ask for `task_names`
+        cache, ids = returned_cache(output), call.task_ids
+        if cache is None or ids is None or call.busy:
+            return
+        logits = output.get("logits") if isinstance(output, Mapping) else None
+        rows = logits.shape[0] if isinstance(logits, torch.Tensor) else ids.shape[0]
+        if rows != ids.shape[0] and call.expand > 1 and rows == ids.shape[0] * call.expand:
+            ids = call.expanded if call.expanded is not None else ids.repeat_interleave(call.expand)
+        try:
+            tuner._cache_routes[cache] = ids  # a later call continuing this cache keeps this decision
+        except TypeError:
+            pass  # a cache that cannot be weakly referenced: a continuing call will ask for `task_names`
 
     handles = [feature_module.register_forward_pre_hook(capture, with_kwargs=True)]
     try:
         if call.task_ids is None:
             handles.append(tuner._router_block().register_forward_pre_hook(decide, with_kwargs=True))
-        if not call.generating:  # the whole model's output holds the cache (the encoder's does not, for seq2seq)
-            handles.append(tuner.model.register_forward_hook(record, with_kwargs=True))
+        # the whole model's output holds the cache (the encoder's does not, for seq2seq); `generate`'s too
+        handles.append(tuner.model.register_forward_hook(record, with_kwargs=True))
         handles.extend(layer.register_forward_pre_hook(hand_over, with_kwargs=True) for layer in tuner._asr_layers())
         yield
     finally:

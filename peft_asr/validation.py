@@ -59,11 +59,13 @@ def check_batch(batch: Mapping[str, Any], vocab_size: Optional[int] = None) -> N
                 f"token ids must lie in [0, {vocab_size}) for this model, got ids in [{low}, {high}]: the tokenizer "
                 "does not belong to the model (or padding used a negative id such as -100 in `input_ids`)."
             )
-    for name in ("attention_mask", "labels", "prompt_mask", "position_ids"):
+    for name in ("attention_mask", "labels", "prompt_mask", "position_ids", "token_type_ids"):
         value = batch.get(name)
         if value is None:
             continue
         value = _tensor(name, value)
+        if name == "labels" and (value.dim() != 2 or value.dtype.is_floating_point):
+            continue  # class or multi-label targets: not token labels, ignored by the prompt rule
         if tuple(value.shape) != shape:
             raise ValueError(f"`{name}` has shape {tuple(value.shape)} but `input_ids` has shape {shape}.")
     mask = batch.get("attention_mask")

@@ -514,15 +514,107 @@ def test_generate_in_training_mode_refuses_while_the_trained_task_is_unknown(mod
 def test_continuous_batching_is_refused_unless_a_task_is_pinned(model):
     with pytest.raises(RuntimeError, match=r"`generate_batch` \(continuous batching\) runs the model in a worker"):
         model.generate_batch([[12, 13, 14]], max_new_tokens=2)
-    with pytest.raises(RuntimeError, match="continuous batching"):
-        model.init_continuous_batching()
+    with model.use_task("alpha"), pytest.raises(RuntimeError, match="manager whose worker thread"):
+        model.init_continuous_batching()  # refused even inside a pin: the manager can outlive it
+    with pytest.raises(RuntimeError, match="manager whose worker thread"):
+        model.continuous_batching_context_manager()
 
 
 def test_pins_are_released_in_any_order(model):
     base = model.base_model
+    batch = left_pad([BETA[0]])
+    with torch.no_grad(), model.use_task("alpha"):
+        alpha = model(**batch).logits
     base.hold_task("beta")
-    with model.use_task("alpha"):
+    with torch.no_grad(), model.use_task("alpha"):
         base.release_task()  # a new run releases the held pin while the user's `with` block is open
         assert base._pinned == ["alpha"]
-        assert model.route(**left_pad([BETA[0]])) == ["beta"]  # route ignores pins; the forward uses alpha
+        assert torch.equal(model(**batch).logits, alpha)  # the user's pin still answers
     assert base._pinned == []
+
+
+def test_a_model_with_a_held_pin_and_routed_caches_pickles_and_copies(model, tmp_path):
+    batch = left_pad([ALPHA[0], BETA[0]])
+    with torch.no_grad():
+        model(**batch, use_cache=True)  # leaves an entry in the cache map
+    model.base_model.hold_task("beta")
+    try:
+        twin = copy.deepcopy(model)
+        torch.save(model, tmp_path / "model.pt")
+        assert twin.base_model._pinned == ["beta"]
+        twin.base_model.release_task()
+        assert twin.base_model._pinned == [] and model.base_model._pinned == ["beta"]
+    finally:
+        model.base_model.release_task()
+    assert twin.route(**batch) == ["alpha", "beta"]
+
+
+def test_generate_continuing_a_cache_keeps_the_decision_that_made_it(model):
+    from transformers import DynamicCache
+
+    row = BETA[0]
+    batch = left_pad([row])
+    with torch.no_grad(), model.use_task("alpha"):
+        reference = model.generate(**batch, max_new_tokens=6, **GEN)  # what alpha answers for the whole sequence
+    with torch.no_grad():
+        out = model(**batch, use_cache=True, task_names=["alpha"])  # the prompt, run with alpha
+        nxt = out.logits[:, -1:].argmax(-1)
+        ids = torch.cat([batch["input_ids"], nxt], 1)
+        mask = torch.ones_like(ids)
+        # the router would pick beta for this row; the cache's deep states were computed with alpha: alpha goes on
+        gen = model.generate(input_ids=ids, attention_mask=mask, past_key_values=out.past_key_values,
+                             max_new_tokens=5, return_dict_in_generate=True, **GEN)
+    assert model.route(**batch) == ["beta"]
+    assert gen.sequences.tolist() == reference.tolist()
+    # a forward continuing the cache `generate` returned keeps that decision too
+    with torch.no_grad(), Decisions(model) as seen:
+        model(input_ids=gen.sequences[:, -1:], attention_mask=torch.ones_like(gen.sequences),
+              past_key_values=gen.past_key_values)
+    assert seen.pooled == []
+    assert model.base_model._cache_routes[gen.past_key_values].tolist() == [1]
+    # a cache no routed call made is refused by generate as well
+    with torch.no_grad(), model.disable_adapter():
+        plain = model(**batch, use_cache=True).past_key_values
+    with Work(model) as work, pytest.raises(RuntimeError, match="this generate continues a cache"):
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=plain, max_new_tokens=2, **GEN)
+    assert work.calls == 0
+    model.generate(**batch, past_key_values=DynamicCache(), max_new_tokens=2, **GEN)  # an empty cache: routed
+
+
+def _encoder(kind: str):
+    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=72, pad_token_id=1, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, num_labels=2)
+    if kind == "roberta":
+        base = RobertaForSequenceClassification(RobertaConfig(**common))
+    else:
+        base = BertForSequenceClassification(BertConfig(type_vocab_size=2, **common))
+    model = get_peft_model(base.eval(), ASRConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                  target_modules=["query", "value"], router_layer=1))
+    model.add_task("alpha")
+    model.add_task("beta")
+    randomize_tasks(model)
+    for task, ids, seed in (("alpha", ALPHA_IDS, 1), ("beta", BETA_IDS, 2)):
+        batch = right_pad(prompts(*ids, 32, seed=seed), pad_id=1)
+        model.fit_router([dict(batch, labels=torch.zeros(32, dtype=torch.long))], task=task, progress=False)  # (B,)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_encoders_route_a_forward_like_route(kind):
+    """Encoders keep their own positions (RoBERTa's start after the padding index) in `route` and in the routed
+    forward alike; BERT's `token_type_ids` reach the router's pass too."""
+    model = _encoder(kind)
+    rows = [ALPHA[0], BETA[0][:3], ALPHA[1] + ALPHA[2], BETA[1]] + ambiguous_prompts(model, 4, seed=31)
+    for pad in (right_pad, left_pad):
+        batch = pad(rows, pad_id=1)
+        if kind == "bert":
+            batch["token_type_ids"] = (torch.arange(batch["input_ids"].shape[1]) % 2).expand_as(batch["input_ids"])
+        with torch.no_grad(), Decisions(model) as seen:
+            model(**batch, labels=torch.zeros(len(rows), dtype=torch.long))
+        assert torch.allclose(seen.pooled[-1], model.base_model.router_features(batch), atol=1e-6), pad.__name__
+        assert model.route(**batch) == [model.tasks[int(i) - 1] for i in model.base_model.router.predict(
+            seen.pooled[-1])]
