@@ -5,11 +5,11 @@
   a problem shows now, not after the whole run.
 * Evaluation during training (``eval_strategy``, ``eval_on_start``): the model is pinned to the task being trained
   for the evaluation only (the router does not know that task yet), and unpinned when the next step begins (or the
-  run ends). ``pin_during_training=True`` keeps the pin for the whole run, for trainers that generate with the task
-  being trained (RL rollouts). Training steps need no
-  pin: a training-mode forward uses the task being trained. So a run that dies leaves no pin behind, unless it dies
-  inside an evaluation; then the next ``on_train_begin`` of any ``ASRCallback`` on that model releases it (the pin
-  is held by the model: ``ASRModel.hold_task`` / ``release_task``).
+  run ends). Training steps need no pin: a training-mode forward uses the task being trained. So a run that dies
+  leaves no pin behind, unless it dies inside an evaluation; then the next ``on_train_begin`` of any ``ASRCallback``
+  on that model releases it (the pin is held by the model: ``ASRModel.hold_task`` / ``release_task``).
+  ``pin_during_training=True`` keeps the pin for the whole run, for trainers that generate with the task being
+  trained (RL rollouts).
 * ``on_train_end``: run one no-grad pass of the blocks below ``router_layer`` over the task's training prompts (the
   train dataset, read in order and sharded by process rank, each prompt exactly once whatever the number of epochs
   or what a distributed sampler repeats; packed rows are split into their examples) and fold them into the router;

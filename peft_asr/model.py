@@ -100,7 +100,8 @@ class ASRModel(BaseTuner):
 
     The prompt is the same everywhere (``route``, ``route_scores``, ``fit_router``, the callback, a routed call):
     real tokens, minus the answer where token labels mark the prompt with -100 (a row whose labels mark none is
-    prompt as a whole); positions come from the attention mask as ``generate`` derives them.
+    prompt as a whole); for decoder-only models, positions come from the attention mask as ``generate`` derives
+    them.
     """
 
     prefix: str = "asr_"
