@@ -270,8 +270,12 @@ class ASRModel(BaseTuner):
 
     @property
     def merged_task(self) -> Optional[str]:
-        """The task merged into the base weights (``merge_adapter`` inside ``use_task``), or ``None``."""
-        return next((layer._merged_task for layer in self._asr_layers() if layer.merged), None)
+        """The task merged into the base weights (``merge_adapter`` inside ``use_task``), or ``None``.
+
+        Read on every routed call: ``merge_adapter`` merges every layer together, so the first adapted layer tells
+        (the walk stops there instead of visiting the whole model)."""
+        layer = next(self._asr_layers(), None)
+        return layer._merged_task if layer is not None and layer.merged else None
 
     def _sync_layers(self) -> None:
         """Push the pinned and the training task to every layer (configuration, like PEFT's active adapter).
@@ -413,13 +417,15 @@ class ASRModel(BaseTuner):
         """Whether routing derives ``position_ids`` from the attention mask: decoder-only models that generate
         (``generate`` derives them so); encoders (BERT, RoBERTa's padding-aware positions, T5's encoder) keep their
         own defaults, which is what their routed forward runs with too."""
-        config = getattr(self.model, "config", None)
-        if getattr(config, "is_encoder_decoder", False):
-            return False
-        can_generate = getattr(self.model, "can_generate", None)
-        if not (callable(can_generate) and can_generate()):
-            return False
-        return "position_ids" in inspect.signature(self._feature_module().forward).parameters
+        if not hasattr(self, "_positions_from_mask_found"):
+            config = getattr(self.model, "config", None)
+            can_generate = getattr(self.model, "can_generate", None)
+            self._positions_from_mask_found = (
+                not getattr(config, "is_encoder_decoder", False)
+                and callable(can_generate) and can_generate()
+                and "position_ids" in inspect.signature(self._feature_module().forward).parameters
+            )
+        return self._positions_from_mask_found
 
     def router_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Pooled router inputs (B, d) of a batch, running only the blocks below ``router_layer``.

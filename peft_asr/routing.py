@@ -386,13 +386,8 @@ def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
         if call.task_ids is not None or call.busy:
             return
         hidden = hidden_from_call(args, kwargs)  # (B', n, d)
-        if call.generating:
+        if call.generating:  # the first forward holds the whole prompt, in rows that map (checked by `capture`)
             length, rows = call.prompt_length, hidden.shape[0]
-            if hidden.shape[1] < length:
-                raise RuntimeError(
-                    f"the first forward of this `generate` saw {hidden.shape[1]} of the prompt's {length} tokens, so "
-                    "it cannot route on the whole prompt; pass `task_names=[...]` or pin a task with `use_task`."
-                )
             mask = (call.inputs or {}).get("attention_mask")
             if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == rows
                     and mask.shape[1] >= length):
@@ -411,28 +406,24 @@ def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
                 "`encoder_outputs` were passed); pass `input_ids` so routing can run, or `task_names=[...]`."
             )
         x = args[0] if args else next(iter(kwargs.values()))
-        rows = x.shape[0]
-        if rows != ids.shape[0]:
-            if call.generating and call.expand > 1 and rows == ids.shape[0] * call.expand:
-                if call.expanded is None:
-                    call.expanded = ids.repeat_interleave(call.expand)  # as `generate` expands its inputs
-                ids = call.expanded
-            else:
-                raise RuntimeError(
-                    f"the routed call has {ids.shape[0]} routing decisions but an adapted layer received {rows} rows; "
-                    "pass one `task_names` entry per row, or call the model on the batch that was routed."
-                )
+        ids = _ids_for_rows(call, x.shape[0])
+        if ids is None:
+            raise RuntimeError(
+                f"the routed call has {call.task_ids.shape[0]} routing decisions but an adapted layer received "
+                f"{x.shape[0]} rows; pass one `task_names` entry per row, or call the model on the batch that was "
+                "routed."
+            )
         kwargs["asr_task_ids"] = ids
         return args, kwargs
 
     def record(_module, _args, _kwargs, output):
-        cache, ids = returned_cache(output), call.task_ids
-        if cache is None or ids is None or call.busy:
+        cache = returned_cache(output)
+        if cache is None or call.task_ids is None or call.busy:
             return
         logits = output.get("logits") if isinstance(output, Mapping) else None
-        rows = logits.shape[0] if isinstance(logits, torch.Tensor) else ids.shape[0]
-        if rows != ids.shape[0] and call.expand > 1 and rows == ids.shape[0] * call.expand:
-            ids = call.expanded if call.expanded is not None else ids.repeat_interleave(call.expand)
+        ids = _ids_for_rows(call, logits.shape[0]) if isinstance(logits, torch.Tensor) else call.task_ids
+        if ids is None:
+            return
         try:
             tuner._cache_routes[cache] = ids  # a later call continuing this cache keeps this decision
         except TypeError:
@@ -451,12 +442,19 @@ def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
             handle.remove()
 
 
+def _ids_for_rows(call: RoutingCall, rows: int) -> Optional[torch.Tensor]:
+    """The decisions for a module that receives ``rows`` rows: as taken, or expanded as ``generate`` expands its
+    inputs for beams / returned sequences; ``None`` when they cannot be mapped."""
+    ids = call.task_ids
+    if rows == ids.shape[0]:
+        return ids
+    if call.generating and call.expand > 1 and rows == ids.shape[0] * call.expand:
+        if call.expanded is None:
+            call.expanded = ids.repeat_interleave(call.expand)
+        return call.expanded
+    return None
+
+
 def _expand_rows(attention: torch.Tensor, rows: int) -> torch.Tensor:
-    if rows == attention.shape[0]:
-        return attention
-    if rows % attention.shape[0]:
-        raise RuntimeError(
-            f"the first forward of this `generate` has {rows} rows for {attention.shape[0]} prompts; pass "
-            "`task_names=[...]` or pin a task with `use_task`."
-        )
-    return attention.repeat_interleave(rows // attention.shape[0], dim=0)
+    """The prompt's (B, L) mask for the first forward's rows (a multiple of B, checked by `capture`)."""
+    return attention if rows == attention.shape[0] else attention.repeat_interleave(rows // attention.shape[0], 0)

@@ -209,6 +209,11 @@ def test_eval_loss_with_labels_equal_to_input_ids_routes_on_the_whole_row(model,
     assert torch.allclose(seen.pooled[0], _alone_features(model, rows), atol=1e-6)
     assert routed.loss.item() == pytest.approx(explicit.loss.item(), rel=1e-6)
     assert abs(routed.loss.item() - base.loss.item()) > 1e-3  # not silently the base model
+    for i, (row, task) in enumerate(zip(rows, tasks)):  # each row's logits as the row alone, task pinned
+        single = right_pad([row])
+        with torch.no_grad(), model.use_task(task):
+            ref = model(**single, labels=single["input_ids"]).logits[0]
+        assert torch.allclose(routed.logits[i, : len(row)], ref, atol=1e-5), (i, task)
 
 
 def test_prompt_masked_labels_route_on_the_prompt_only(model):
@@ -244,6 +249,8 @@ def test_manual_decode_loop_reuses_the_prompt_decision(model, rows):
         routed = loop()
     assert len(seen.pooled) == 1  # decode steps never re-route on their one token
     assert torch.equal(routed, loop(task_names=tasks))
+    for i, ref in enumerate(_pinned_generate(model, rows, tasks, max_new_tokens=4)):  # each row alone, pinned
+        assert routed[i].tolist() == ref[0].tolist(), (i, tasks[i])
 
 
 def test_a_cache_no_routed_call_produced_is_refused(model):
@@ -616,5 +623,13 @@ def test_encoders_route_a_forward_like_route(kind):
         with torch.no_grad(), Decisions(model) as seen:
             model(**batch, labels=torch.zeros(len(rows), dtype=torch.long))
         assert torch.allclose(seen.pooled[-1], model.base_model.router_features(batch), atol=1e-6), pad.__name__
+        alone = []
+        for i, row in enumerate(rows):  # and each row's features as the row alone
+            single = right_pad([row], pad_id=1)
+            if kind == "bert":
+                single["token_type_ids"] = batch["token_type_ids"][i][batch["attention_mask"][i].bool()][None]
+            alone.append(model.base_model.router_features(single))
+        if pad is right_pad or kind == "roberta":  # BERT counts positions from the row start, pads included
+            assert torch.allclose(seen.pooled[-1], torch.cat(alone), atol=1e-5), pad.__name__
         assert model.route(**batch) == [model.tasks[int(i) - 1] for i in model.base_model.router.predict(
             seen.pooled[-1])]
