@@ -121,7 +121,7 @@ def settings_of(args) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- data & model
 def load_stream(name: str, args):
-    from peft_asr.data import Task, load_olora_task, load_trace_task
+    from peft_asr.cl import Task, load_olora_task, load_trace_task
 
     kind, names = STREAMS[name]
     root = SHARED / kind
@@ -145,7 +145,7 @@ def load_stream(name: str, args):
 
 
 def load_model(args):
-    from peft_asr.default_model import load_model_and_tokenizer
+    from peft_asr.demo.default_model import load_model_and_tokenizer
 
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
@@ -177,7 +177,7 @@ def gen_kwargs(args) -> dict:
 # ---------------------------------------------------------------------------------------------------- methods
 def run_asr(model, tokenizer, tasks, baseline, args, work: Path) -> tuple[dict, dict]:
     """ASR, and the oracle measured on the same subspaces (each eval prompt pinned to its true task)."""
-    from peft_asr.continual import evaluate_tasks, run_stream
+    from peft_asr.cl.runner import evaluate_tasks, run_stream
 
     gen = gen_kwargs(args)
     diagonal: list[float] = []
@@ -214,7 +214,7 @@ def run_asr(model, tokenizer, tasks, baseline, args, work: Path) -> tuple[dict, 
         if t + 1 < len(tasks):
             row.append(baseline[t + 1])  # an unseen task has no subspace: the base model answers
         matrix.append(row + [None] * (len(tasks) - len(row)))
-    from peft_asr.metrics import cl_summary
+    from peft_asr.cl import cl_summary
 
     oracle = {"method": "oracle", "tasks": [t.name for t in tasks], "matrix": matrix, "baseline": baseline,
               "diagonal_measured": diagonal, "final_measured": final,
@@ -226,7 +226,7 @@ def run_asr(model, tokenizer, tasks, baseline, args, work: Path) -> tuple[dict, 
 
 
 def run_seqlora(model, tokenizer, tasks, baseline, args, work: Path) -> dict:
-    from peft_asr.continual import run_stream
+    from peft_asr.cl.runner import run_stream
 
     def on_stage_end(stage, _model, res):
         print(f"  [seqlora] after {tasks[stage].name}: scores {_fmt_row(res.matrix[-1])}", flush=True)
@@ -281,8 +281,8 @@ def run_olora(model, tokenizer, tasks, baseline, args, work: Path) -> dict:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from peft_asr.continual import DEFAULT_TRAINING, StreamResults, evaluate_tasks
-    from peft_asr.data import PromptAnswerCollator, tokenize_examples
+    from peft_asr.cl.runner import DEFAULT_TRAINING, StreamResults, evaluate_tasks
+    from peft_asr.cl import PromptAnswerCollator, tokenize_examples
 
     class OLoRATrainer(Trainer):
         def __init__(self, *a, new: str, old: list[str], **kw):
@@ -338,8 +338,8 @@ def run_multitask(model, tokenizer, tasks, baseline, args, work: Path) -> dict:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from peft_asr.continual import DEFAULT_TRAINING, evaluate_tasks
-    from peft_asr.data import PromptAnswerCollator, tokenize_examples
+    from peft_asr.cl.runner import DEFAULT_TRAINING, evaluate_tasks
+    from peft_asr.cl import PromptAnswerCollator, tokenize_examples
 
     set_seed(args.seed)
     rows = [r for task in tasks for r in tokenize_examples(tokenizer, task.train, max_length=args.max_length,
@@ -463,7 +463,7 @@ def write_markdown(all_data: dict[str, dict], path: Path = RESULTS_MD) -> None:
 
 def plot_stream(name: str, data: dict, out_dir: Path) -> None:
     try:
-        from peft_asr.plots import plot_accuracy_matrices, plot_routing_confusion
+        from peft_asr.cl.plots import plot_accuracy_matrices, plot_routing_confusion
     except ImportError:
         return
     panels = {m: data["methods"][m] for m in ("asr", "oracle", "seqlora", "olora") if m in data["methods"]}
@@ -485,7 +485,7 @@ RUNNERS = {"seqlora": run_seqlora, "olora": run_olora, "multitask": run_multitas
 def main(argv=None) -> int:
     import tempfile
 
-    from peft_asr.continual import evaluate_tasks
+    from peft_asr.cl.runner import evaluate_tasks
 
     args = parse_args(argv)
     if args.threads:

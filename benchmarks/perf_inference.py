@@ -7,7 +7,7 @@ Variants, same rank, targets and layers (the layers at and above ``router_layer`
 * ``peft_mixed8``     PEFT LoRA with 8 adapters, one per row (``adapter_names=``, PEFT's mixed-batch inference);
 * ``asr_1task``       an ASR bank with 1 task, every row routed to it;
 * ``asr_8mixed``      an ASR bank with 8 tasks, the 8 rows routed to 8 different tasks (checked);
-* ``asr_8mixed_grouped``  the same with the task-by-task reference kernel (``peft_asr.layer.ROUTED_KERNEL``).
+* ``asr_8mixed_grouped``  the same with the task-by-task reference kernel (``benchmarks/kernels.py``).
 
 Every adapter has random (non-zero) A and B. The routed variants include the router: the pooled feature, the
 projection and the argmax run inside the same forward. Forward: batch ``--batch`` x ``--length`` random tokens, no
@@ -114,10 +114,9 @@ def build(name: str, args):
 
 
 def measure(name: str, args) -> dict:
-    import peft_asr.layer as layer_mod
+    from kernels import use_grouped
 
     models, batch, names, router_layer = build(name, args)
-    grouped = hasattr(layer_mod, "ROUTED_KERNEL")
 
     def forward(key):
         model = models[key]
@@ -140,18 +139,14 @@ def measure(name: str, args) -> dict:
 
     def with_grouped(fn):
         def run():
-            layer_mod.ROUTED_KERNEL = "grouped"
-            try:
+            with use_grouped():
                 fn()
-            finally:
-                layer_mod.ROUTED_KERNEL = "gathered"
         return run
 
     fwd = {key: forward(key) for key in models}
     gen = {key: generate(key) for key in models}
-    if grouped:
-        fwd["asr_8mixed_grouped"] = with_grouped(forward("asr_8mixed"))
-        gen["asr_8mixed_grouped"] = with_grouped(generate("asr_8mixed"))
+    fwd["asr_8mixed_grouped"] = with_grouped(forward("asr_8mixed"))
+    gen["asr_8mixed_grouped"] = with_grouped(generate("asr_8mixed"))
     print(f"[{name}] forward x{args.reps} ...", flush=True)
     f = round_robin(fwd, args.reps, args.device)
     print(f"[{name}] generate x{args.gen_reps} ...", flush=True)

@@ -14,7 +14,7 @@ Variants (each runs in its own process, so its peak memory is its own):
 * ``lazy_fp64``        this package: ``AnalyticRouter.partial_fit`` per task (float64 Gram and cross statistics) and
                        one Cholesky solve when routing next needs the weight (what ``ASRModel`` does);
 * ``solve_each_task``  the same statistics, but a full E^3 solve after every task (what a lazy solve avoids);
-* ``woodbury_fp64``    ``peft_asr.rls.woodbury_update``: one block RLS step per task, float64.
+* ``woodbury_fp64``    ``peft_asr.tuner.rls.woodbury_update``: one block RLS step per task, float64.
 
 Each solution is compared with the float64 joint solution ``solve(Phi^T Phi + ridge I, Phi^T Y)`` on all data.
 
@@ -71,7 +71,7 @@ def real_features(args) -> tuple[torch.Tensor, torch.Tensor]:
     from common import load_causal_lm
 
     from peft_asr import ASRConfig
-    from peft_asr.data import load_olora_task, prompt_batches
+    from peft_asr.cl import load_olora_task, prompt_batches
 
     if not SHARED.is_dir():
         raise SystemExit(f"{SHARED} is absent: pass --features synthetic")
@@ -118,8 +118,8 @@ def features(args) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 # ---------------------------------------------------------------------------------------------------- variants
 def run_variant(variant: str, setting: str, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
-    from peft_asr import rls
-    from peft_asr.router import AnalyticRouter
+    from peft_asr.tuner import rls
+    from peft_asr.tuner.router import AnalyticRouter
 
     cfg = SETTINGS[setting]
     num_classes = int(labels.max()) + 1
@@ -170,8 +170,8 @@ def child(args) -> int:
 
 
 def joint(setting: str, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
-    from peft_asr import rls
-    from peft_asr.router import AnalyticRouter
+    from peft_asr.tuner import rls
+    from peft_asr.tuner.router import AnalyticRouter
 
     cfg = SETTINGS[setting]
     num_classes = int(labels.max()) + 1

@@ -53,7 +53,7 @@ def one_size(num_tasks: int, args) -> dict:
 
     import peft_asr  # noqa: F401
     from peft_asr import ASRConfig
-    from peft_asr.layer import ASRLayer
+    from peft_asr.tuner.layer import ASRLayer
 
     model, _ = load_causal_lm(args.model, args.device, args.dtype)
     d = model.config.hidden_size

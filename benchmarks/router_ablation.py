@@ -48,7 +48,7 @@ import torch
 import peft_asr
 from peft import get_peft_model
 from peft_asr import ASRConfig
-from peft_asr.router import AnalyticRouter
+from peft_asr.tuner.router import AnalyticRouter
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -58,7 +58,7 @@ def streams(feats: dict) -> dict[str, list[str]]:
 
 
 def analytic(xs, ys, num_classes):
-    from peft_asr.router import AnalyticRouter
+    from peft_asr.tuner.router import AnalyticRouter
 
     router = AnalyticRouter(xs[0].shape[1], num_classes)
     for x, y in zip(xs, ys):

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 
 import peft_asr  # noqa: F401  (registers the ASR PEFT type)
 from peft_asr import ASRConfig
-from peft_asr.data import PromptAnswerCollator, prompt_batches, tokenize_examples
-from peft_asr.demo_stream import demo_stream
+from peft_asr.cl import PromptAnswerCollator, prompt_batches, tokenize_examples
+from peft_asr.demo import demo_stream
 from tiny_model import load
 
 

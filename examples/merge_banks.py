@@ -19,8 +19,8 @@ from peft import PeftModel
 
 import peft_asr  # noqa: F401  (registers the ASR PEFT type)
 from peft_asr import merge_banks
-from peft_asr.data import prompt_batches
-from peft_asr.demo_stream import demo_stream
+from peft_asr.cl import prompt_batches
+from peft_asr.demo import demo_stream
 from tiny_model import load
 
 

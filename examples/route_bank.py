@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 
 import peft_asr  # noqa: F401  (registers the ASR PEFT type: needed before loading a bank)
-from peft_asr.data import prompt_batches
+from peft_asr.cl import prompt_batches
 from tiny_model import load
 
 

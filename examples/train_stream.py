@@ -27,9 +27,9 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 import peft_asr  # noqa: F401  (registers the ASR PEFT type)
 from peft_asr import ASRCallback, ASRConfig
-from peft_asr.data import PromptAnswerCollator, load_trace_task, tokenize_examples
+from peft_asr.cl import PromptAnswerCollator, load_trace_task, tokenize_examples
 from tiny_model import load
-from peft_asr.demo_stream import demo_stream
+from peft_asr.demo import demo_stream
 
 
 @dataclass

@@ -2,19 +2,23 @@
 
 ``import peft_asr`` registers the ``ASR`` PEFT type, so ``get_peft_model(model, ASRConfig(...))``,
 ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` work with ASR banks.
+
+The package has four parts, each built only on those before it (docs/architecture.md): ``peft_asr.tuner`` (the PEFT
+method), ``peft_asr.bank`` (bank files, save/load, card, push, merge), ``peft_asr.cl`` (the continual-learning
+toolkit, extra ``[cl]``) and ``peft_asr.demo``; ``peft_asr.cli`` is the ``peft-asr`` command. ``_registry`` is the one
+module that touches PEFT internals.
 """
 
 from ._registry import ASR_PEFT_TYPE, register
 
 register()
 
-from .callback import ASRCallback  # noqa: E402
-from .config import BASE_ROUTE, ASRConfig  # noqa: E402
-from .merge import merge_banks  # noqa: E402
-from .model import ASRModel  # noqa: E402
-from .router import AnalyticRouter  # noqa: E402
-from .errors import ASRConfigError, ASRConfigTypeError, ASRError, BankError, RouterNumericalError  # noqa: E402
-from .hub import recover_bank  # noqa: E402
+from . import _moved  # noqa: E402
+from .bank import merge_banks, recover_bank  # noqa: E402
+from .tuner import (ASRCallback, ASRConfig, ASRConfigError, ASRConfigTypeError, ASRError, ASRModel,  # noqa: E402
+                    AnalyticRouter, BankError, BASE_ROUTE, RouterNumericalError)
+
+_moved.install()
 
 __version__ = "0.1.0"
 

@@ -43,7 +43,7 @@ def _add_peft_type() -> enum.Enum:
     cls = peft_types.PeftType
     if "ASR" in cls.__members__:
         return cls["ASR"]
-    member = str.__new__(cls, "ASR")
+    member = str.__new__(cls, "ASR")  # == tuner.config.ASR_TYPE
     member._name_ = "ASR"
     member._value_ = "ASR"
     member.__objclass__ = cls
@@ -56,7 +56,13 @@ def _add_peft_type() -> enum.Enum:
     return member
 
 
-ASR_PEFT_TYPE = _add_peft_type()
+ASR_PEFT_TYPE = _add_peft_type()  # before the tuner is imported: ASRConfig() reads PeftType.ASR
+
+from .bank.files import is_asr_model  # noqa: E402
+from .bank.io import load_bank, preflight, save_bank  # noqa: E402
+from .bank.push import push_bank_to_hub  # noqa: E402
+from .tuner.config import ASRConfig  # noqa: E402
+from .tuner.model import ASRModel  # noqa: E402
 
 
 def _wrap_bank_io() -> None:
@@ -70,16 +76,12 @@ def _wrap_bank_io() -> None:
 
     @functools.wraps(original_save)
     def save_pretrained(self, save_directory, *args, **kwargs):
-        from .hub import is_asr_model, save_bank
-
         if not is_asr_model(self):
             return original_save(self, save_directory, *args, **kwargs)
         return save_bank(self, original_save, save_directory, *args, **kwargs)
 
     @functools.wraps(original_load)
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
-        from .hub import is_asr_model, load_bank
-
         if not is_asr_model(self):
             return original_load(self, model_id, adapter_name, *args, **kwargs)
         return load_bank(self, original_load, model_id, adapter_name, *args, **kwargs)
@@ -88,8 +90,6 @@ def _wrap_bank_io() -> None:
 
     @functools.wraps(original_from_pretrained)
     def from_pretrained(cls, model, model_id, *args, **kwargs):
-        from .hub import preflight
-
         preflight(model_id, kwargs.get("subfolder"))  # a no-op for other PEFT methods and for Hub ids
         return original_from_pretrained(cls, model, model_id, *args, **kwargs)
 
@@ -97,9 +97,6 @@ def _wrap_bank_io() -> None:
 
     @functools.wraps(original_push)
     def push_to_hub(self, repo_id, *args, **kwargs):
-        from .hub import is_asr_model
-        from .hub_upload import push_bank_to_hub
-
         if not is_asr_model(self):
             return original_push(self, repo_id, *args, **kwargs)
         return push_bank_to_hub(self, repo_id, *args, **kwargs)
@@ -128,8 +125,6 @@ def _wrap_generate_and_init() -> None:
 
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
-        from .hub import is_asr_model
-
         original_init(self, *args, **kwargs)
         if is_asr_model(self):
             self.special_peft_forward_args = set(self.special_peft_forward_args) | {TASK_NAMES_ARG}
@@ -143,8 +138,6 @@ def _wrap_generate_and_init() -> None:
         def make(original):
             @functools.wraps(original)
             def generate(self, *args, **kwargs):
-                from .hub import is_asr_model
-
                 if not is_asr_model(self):
                     return original(self, *args, **kwargs)
                 with self.base_model.generate_scope():
@@ -160,9 +153,6 @@ def register() -> None:
     """Register the ASR method with PEFT (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
-
-    from .config import ASRConfig
-    from .model import ASRModel
 
     if ASR_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
         register_peft_method(name=PEFT_METHOD_NAME, config_cls=ASRConfig, model_cls=ASRModel, prefix=ASRModel.prefix)

@@ -44,7 +44,7 @@ class CLIError(Exception):
 
 
 def _task_from_spec(spec: dict):
-    from . import data
+    from .cl import tasks as data
 
     if not isinstance(spec, dict) or "kind" not in spec:
         raise CLIError(f"each task needs a `kind` (trace, olora, json or hf), got {spec!r}.")
@@ -77,7 +77,7 @@ def _task_from_spec(spec: dict):
 
 def _task_from_flag(flag: str):
     """``KIND:PATH`` for eval: ``trace:DIR``, ``olora:DIR``, ``json:NAME=FILE`` (FILE is the eval split)."""
-    from . import data
+    from .cl import tasks as data
 
     kind, sep, rest = flag.partition(":")
     if not sep:
@@ -93,16 +93,16 @@ def _task_from_flag(flag: str):
 
 def _read_config(bank: Path):
     """The bank's `ASRConfig`, read strictly (an interrupted save is finished first)."""
-    from .config import ASRConfig, read_config_json
-    from .hub import recover_bank
+    from .bank.atomic import recover_bank
+    from .bank.files import read_bank_config
+    from .tuner.config import ASRConfig
+    from .tuner.errors import BankError
 
     recover_bank(bank)
-    if not (bank / "adapter_config.json").is_file():
-        raise CLIError(f"{bank} is not a saved bank (no adapter_config.json).")
-    data = read_config_json(str(bank / "adapter_config.json"))
-    kind = data.get("peft_type") if isinstance(data, dict) else None
-    if kind != "ASR":
-        raise CLIError(f"{bank} holds a {kind} adapter, not an ASR bank.")
+    try:
+        read_bank_config(bank)
+    except BankError as err:
+        raise CLIError(str(err)) from None
     return ASRConfig.from_pretrained(str(bank))
 
 
@@ -110,7 +110,7 @@ def _load_bank(bank: str, model: Optional[str]):
     import peft_asr  # noqa: F401  (registers the ASR type)
     from peft import PeftModel
 
-    from .default_model import load_model_and_tokenizer
+    from .demo.default_model import load_model_and_tokenizer
 
     config = _read_config(Path(bank))
     base_path = model or config.base_model_name_or_path
@@ -121,7 +121,7 @@ def _load_bank(bank: str, model: Optional[str]):
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     run_demo(args.output_dir, quick=args.quick, model=args.model, seed=args.seed, progress=not args.no_progress)
     return 0
@@ -130,8 +130,8 @@ def _cmd_demo(args) -> int:
 def _cmd_train(args) -> int:
     import yaml
 
-    from .config import ASRConfig
-    from .continual import run_stream
+    from .tuner.config import ASRConfig
+    from .cl.runner import run_stream
 
     path = Path(args.config)
     if not path.is_file():
@@ -157,7 +157,7 @@ def _cmd_train(args) -> int:
                          max_new_tokens=int(spec.get("max_new_tokens", 16)))
     out.mkdir(parents=True, exist_ok=True)
     results.save(out / "results.json")
-    from .demo import format_tables
+    from .demo.run import format_tables
 
     print(format_tables({results.method: results}))
     print(f"wrote {out / 'results.json'}" + (f" and the bank {results.info['bank']}" if "bank" in results.info else ""))
@@ -165,7 +165,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .continual import evaluate_routing, evaluate_tasks
+    from .cl.runner import evaluate_routing, evaluate_tasks
 
     model, tokenizer = _load_bank(args.bank, args.model)
     tasks = [_task_from_flag(flag) for flag in args.task]
@@ -184,7 +184,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_route(args) -> int:
-    from .data import prompt_batches
+    from .cl.tokenization import prompt_batches
 
     model, tokenizer = _load_bank(args.bank, args.model)
     batch = next(prompt_batches(tokenizer, list(args.prompts), batch_size=len(args.prompts)))
@@ -199,7 +199,7 @@ def _cmd_route(args) -> int:
 def _cmd_info(args) -> int:
     import peft_asr  # noqa: F401
 
-    from .hub import STATISTICS_FILE
+    from .bank.files import STATISTICS_FILE
 
     bank = Path(args.bank)
     config = _read_config(bank)

@@ -61,7 +61,7 @@ def _log(path: str, line: str) -> None:
 
 def save_loop(root: str, use_exchange: bool, ready) -> None:
     """Forever: save step i into ``refs/i`` (the reference), log ``b i``, save it over ``bank``, log ``e i``."""
-    import peft_asr.hub as hub
+    import peft_asr.bank.atomic as hub
 
     torch.set_num_threads(1)
     hub.USE_EXCHANGE = use_exchange
@@ -80,7 +80,7 @@ def save_loop(root: str, use_exchange: bool, ready) -> None:
 
 def crash_between_renames(root: str) -> None:
     """Save twice with the two-rename swap, and die (SIGKILL) right before the second save's second rename."""
-    import peft_asr.hub as hub
+    import peft_asr.bank.atomic as hub
 
     torch.set_num_threads(1)
     hub.USE_EXCHANGE = False

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 import peft_asr  # noqa: F401
 from peft_asr import ASRCallback, ASRConfig
-from peft_asr.data import PromptAnswerCollator
+from peft_asr.cl import PromptAnswerCollator
 
 
 def rows(lo, hi, n, seed):

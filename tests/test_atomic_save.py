@@ -243,7 +243,7 @@ def _fake_bank(folder: Path, peft_type: str = "ASR") -> Path:
 
 
 def test_recovery_never_touches_folders_that_are_not_asr_banks(tmp_path):
-    from peft_asr.hub import _host_id
+    from peft_asr.bank.atomic import host_id as _host_id
 
     dead = f"{_host_id()}-999999-abc"
     # a LoRA adapter folder with leftovers named like ours: untouched
@@ -258,7 +258,7 @@ def test_recovery_never_touches_folders_that_are_not_asr_banks(tmp_path):
 
 
 def test_recovery_deletes_only_this_hosts_leftovers_of_dead_processes(tmp_path):
-    from peft_asr.hub import _host_id
+    from peft_asr.bank.atomic import host_id as _host_id
 
     _fake_bank(tmp_path / "bank")
     ours_dead = _fake_bank(tmp_path / f".bank.tmp-{_host_id()}-999999-abc")
@@ -272,7 +272,7 @@ def test_recovery_deletes_only_this_hosts_leftovers_of_dead_processes(tmp_path):
 
 def test_recovery_of_a_bank_whose_name_has_hyphens(tmp_path):
     """`checkpoint-500`: the save token is read from the end of the leftover's name, not split at the first '-'."""
-    from peft_asr.hub import _host_id
+    from peft_asr.bank.atomic import host_id as _host_id
 
     token = f"{_host_id()}-999999-abc"
     new = _fake_bank(tmp_path / f".checkpoint-500.tmp-{token}")

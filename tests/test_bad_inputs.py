@@ -27,7 +27,7 @@ from peft import PeftModel, get_peft_model
 import peft_asr
 from peft_asr import ASRConfig, ASRConfigError, ASRConfigTypeError, BankError, RouterNumericalError, merge_banks
 from peft_asr.cli import CLIError, main
-from peft_asr.router import AnalyticRouter
+from peft_asr.tuner.router import AnalyticRouter
 
 PACKAGE = Path(peft_asr.__file__).resolve().parent
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"

@@ -8,14 +8,14 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peft_asr.continual import StreamResults, evaluate_tasks, run_stream
-from peft_asr.data import Task
-from peft_asr.demo_stream import demo_stream, general_prompts
+from peft_asr.cl.runner import StreamResults, evaluate_tasks, run_stream
+from peft_asr.cl import Task
+from peft_asr.demo import demo_stream, general_prompts
 
 
 @pytest.fixture(scope="module")
 def stories(stories_path):
-    from peft_asr.default_model import load_model_and_tokenizer
+    from peft_asr.demo.default_model import load_model_and_tokenizer
 
     return lambda: load_model_and_tokenizer(str(stories_path))
 
@@ -91,7 +91,7 @@ def test_run_stream_seqlora_and_errors(stories, tmp_path):
 
 
 def test_demo_quick_end_to_end(stories_path, tmp_path):
-    from peft_asr.demo import run_demo
+    from peft_asr.demo.run import run_demo
 
     report = run_demo(str(tmp_path), quick=True, model=str(stories_path), progress=False,
                       overrides={"n_train": 16, "n_eval": 4, "n_general": 8, "max_new_tokens": 4})
@@ -112,7 +112,7 @@ def test_demo_quick_end_to_end(stories_path, tmp_path):
 
 
 def test_plots_reject_bad_input(tmp_path):
-    from peft_asr.plots import plot_accuracy_matrices, plot_routing_confusion
+    from peft_asr.cl.plots import plot_accuracy_matrices, plot_routing_confusion
 
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_accuracy_matrices({}, tmp_path / "x.png")
@@ -133,7 +133,7 @@ def test_run_stream_seen_next_scope_and_stage_hook(stories, tmp_path):
     assert [[v is None for v in row] for row in res.matrix] == [[False, False, True], [False] * 3, [False] * 3]
     assert all(res.summary[k] is not None for k in ("op", "bwt", "fwt", "forgetting"))
     assert seen == [(0, False, 1), (1, False, 2), (2, False, 3)]
-    from peft_asr.plots import plot_accuracy_matrices
+    from peft_asr.cl.plots import plot_accuracy_matrices
 
     assert plot_accuracy_matrices({"asr": res}, tmp_path / "m.png") and (tmp_path / "m.png").stat().st_size > 0
     with pytest.raises(ValueError, match="`eval_scope` must be one of"):

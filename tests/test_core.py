@@ -14,7 +14,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 
 import peft_asr
 from peft_asr import ASRConfig
-from peft_asr.layer import ASRLayer
+from peft_asr.tuner.layer import ASRLayer
 
 ALPHA = prompts(*ALPHA_IDS, 6, seed=11)  # held-out prompts of task alpha
 BETA = prompts(*BETA_IDS, 6, seed=12)

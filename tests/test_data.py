@@ -1,4 +1,4 @@
-"""Tests of `peft_asr.data`: tasks, loaders, prompt/answer tokenisation, collation and prompt batches."""
+"""Tests of `peft_asr.cl.tasks` and `peft_asr.cl.tokenization`: tasks, loaders, prompt/answer tokenisation, collation and prompt batches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_asr.data import (
+from peft_asr.cl import (
     IGNORE_INDEX,
     TRACE_METRICS,
     PromptAnswerCollator,
@@ -21,7 +21,7 @@ from peft_asr.data import (
     prompt_batches,
     tokenize_examples,
 )
-from peft_asr.features import prompt_mask
+from peft_asr.tuner.features import prompt_mask
 
 from conftest import SHARED, STORIES
 

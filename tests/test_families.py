@@ -20,7 +20,7 @@ from torch import nn
 import peft_asr  # noqa: F401  (registers the ASR method)
 from peft import PeftModel, get_peft_model
 from peft_asr import ASRConfig
-from peft_asr.layer import ASRLayer
+from peft_asr.tuner.layer import ASRLayer
 from transformers import (
     BertConfig,
     BertForSequenceClassification,

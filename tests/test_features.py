@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_asr.features import masked_mean, prompt_mask
+from peft_asr.tuner.features import masked_mean, prompt_mask
 
 
 def test_masked_mean_ignores_padding_on_either_side():
@@ -69,14 +69,14 @@ def test_class_labels_are_not_token_labels():
 
 
 def test_positions_from_mask_match_generate():
-    from peft_asr.features import positions_from_mask
+    from peft_asr.tuner.features import positions_from_mask
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 0, 0]]
 
 
 def test_packed_rows_are_split_into_one_row_per_example():
-    from peft_asr.features import is_packed, unpack_rows
+    from peft_asr.tuner.features import is_packed, unpack_rows
 
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 3]]), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]]),
              "labels": torch.tensor([[-100, -100, 7, -100, 9, -100]])}
@@ -91,7 +91,7 @@ def test_packed_rows_are_split_into_one_row_per_example():
 
 
 def test_labels_of_another_shape_are_refused_by_the_batch_check():
-    from peft_asr.validation import check_batch
+    from peft_asr.tuner.validation import check_batch
 
     # in a routed forward such labels are a target, not token labels; a `fit_router`/`route` batch is checked first
     assert prompt_mask(torch.ones(2, 3), torch.zeros(2, 4, dtype=torch.long)).all()
@@ -116,7 +116,7 @@ def test_float_multi_label_targets_are_ignored():
 
 
 def test_padding_free_pads_are_not_examples():
-    from peft_asr.features import unpack_rows
+    from peft_asr.tuner.features import unpack_rows
 
     pad = 0
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, pad, pad, pad]]),
@@ -128,7 +128,7 @@ def test_padding_free_pads_are_not_examples():
 
 
 def test_sequence_boundaries_alone_unpack_too():
-    from peft_asr.features import is_packed, unpack_rows
+    from peft_asr.tuner.features import is_packed, unpack_rows
 
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "cu_seq_lens_q": torch.tensor([0, 3, 5], dtype=torch.int32)}
     assert is_packed(batch)

@@ -220,7 +220,7 @@ def test_push_bank_to_hub_refuses_other_methods():
     from peft import LoraConfig, get_peft_model
     from conftest import tiny_llama
 
-    from peft_asr.hub_upload import push_bank_to_hub
+    from peft_asr.bank.push import push_bank_to_hub
 
     lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(TypeError, match="uploads ASR banks only"):

@@ -1,4 +1,4 @@
-"""Tests of peft_asr.metrics against numbers computed by hand (the arithmetic is in the comment next to each one).
+"""Tests of peft_asr.cl.metrics and peft_asr.cl.scorers against numbers computed by hand (the arithmetic is in the comment next to each one).
 
 Sources of golden numbers: hand arithmetic from the formulas in the module docstring, except the SARI example of HF
 ``evaluate``'s ``sari`` metric card (value printed there). During development the SARI and edit-similarity
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from peft_asr import metrics as M
+from peft_asr import cl as M
 
 NAN = float("nan")
 

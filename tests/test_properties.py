@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import peft_asr  # noqa: F401
 from peft_asr import ASRConfig, ASRConfigError, RouterNumericalError
-from peft_asr.router import AnalyticRouter
+from peft_asr.tuner.router import AnalyticRouter
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread, no oversubscription
 

@@ -1,4 +1,4 @@
-"""Pure-tensor tests of peft_asr.rls: recursive == joint, Woodbury == statistics, numerical errors."""
+"""Pure-tensor tests of peft_asr.tuner.rls: recursive == joint, Woodbury == statistics, numerical errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from peft_asr import rls
+from peft_asr.tuner import rls
 
 
 def _task_data(num_tasks=4, per_task=60, dim=24, seed=0):

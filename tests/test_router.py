@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_asr import rls
-from peft_asr.router import AnalyticRouter
+from peft_asr.tuner import rls
+from peft_asr.tuner.router import AnalyticRouter
 
 
 def _data(seed=0, n=40, d=16, k=3):

@@ -20,7 +20,7 @@ from peft import get_peft_model
 
 import peft_asr  # noqa: F401
 from peft_asr import ASRConfig
-from peft_asr.features import positions_from_mask
+from peft_asr.tuner.features import positions_from_mask
 
 GEN = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 ALPHA = prompts(*ALPHA_IDS, 4, seed=11)

@@ -26,9 +26,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .config import BASE_ROUTE, ASRConfig
-from .data import PromptAnswerCollator, Task, prompt_batches, tokenize_examples
-from .metrics import cl_summary, get_scorer, routing_accuracy, routing_confusion
+from ..tuner.config import BASE_ROUTE, ASRConfig
+from .metrics import cl_summary, percent, routing_accuracy, routing_confusion
+from .scorers import get_scorer
+from .tasks import Task
+from .tokenization import PromptAnswerCollator, prompt_batches, tokenize_examples
 
 __all__ = ["StreamResults", "run_stream", "generate_answers", "evaluate_tasks", "evaluate_routing", "METHODS"]
 
@@ -146,7 +148,7 @@ def _training_args(training_args, output_dir: str):
 
 
 def _load(model_or_name, tokenizer):
-    from .default_model import load_model_and_tokenizer
+    from ..demo.default_model import load_model_and_tokenizer
 
     if model_or_name is None or isinstance(model_or_name, (str, os.PathLike)):
         model, loaded_tokenizer = load_model_and_tokenizer(None if model_or_name is None else str(model_or_name))
@@ -196,7 +198,7 @@ def run_stream(
     Args:
         model_or_name: a causal LM (then pass ``tokenizer``), a local model folder, or ``None`` for the embedded
             default model (SmolLM2-135M-Instruct).
-        tasks: the stream, as :class:`~peft_asr.data.Task` objects (``demo_stream``, ``load_trace_task``...).
+        tasks: the stream, as :class:`~peft_asr.cl.tasks.Task` objects (``demo_stream``, ``load_trace_task``...).
         training_args: ``TrainingArguments`` or a dict of its fields (defaults: batch 8, lr 2e-3, one epoch);
             ``output_dir`` is set per stage.
         method: ``"asr"`` or ``"seqlora"``.
@@ -217,7 +219,7 @@ def run_stream(
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, set_seed
 
-    from .callback import ASRCallback
+    from ..tuner.callback import ASRCallback
 
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
@@ -288,7 +290,6 @@ def run_stream(
     if method == "asr":
         bank = Path(bank_dir) if bank_dir is not None else output_dir / "bank"
         model.save_pretrained(bank)
-        from .hub import write_results_to_card
 
         write_results_to_card(bank, results.to_dict())
         results.info["bank"] = str(bank)
@@ -296,3 +297,31 @@ def run_stream(
     results.info["model"] = getattr(model.get_base_model(), "name_or_path", None)
     results.model = model
     return results
+
+
+def write_results_to_card(bank_dir, results: dict) -> None:
+    """Append a stream run's scores (per task after the last stage, OP/BWT/FWT, routing accuracy) to a bank's card."""
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(str(bank_dir), "README.md")
+    card = ModelCard.load(path)
+    tasks = results["tasks"]
+    last = results["matrix"][-1] if results.get("matrix") else [None] * len(tasks)
+    steps = {t["task"]: t.get("steps") for t in results.get("timings", [])}
+    rows = "\n".join(f"| `{t}` | {steps.get(t, '-')} | {percent(s)} |" for t, s in zip(tasks, last))
+    names = {"op": "OP (average score)", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting",
+             "routing_accuracy": "routing accuracy"}
+    summary = "\n".join(
+        f"- {names.get(k, k)}: {percent(v, signed=k in ('bwt', 'fwt', 'forgetting'))}"
+        for k, v in results.get("summary", {}).items()
+    )
+    card.text += f"""
+## Evaluation (after the last task, greedy decoding, scores in %)
+
+| task | training steps | score |
+|---|---|---|
+{rows}
+
+{summary}
+"""
+    card.save(path)

@@ -29,7 +29,7 @@ def _as_dict(results) -> dict:
 def plot_accuracy_matrices(results: Mapping[str, object], path: Union[str, os.PathLike]) -> str:
     """Heat maps of ``R[t][i]`` (rows: after training task t; columns: task i), one panel per method.
 
-    ``results`` maps a method name to a :class:`~peft_asr.continual.StreamResults` (or its dict). Returns ``path``.
+    ``results`` maps a method name to a :class:`~peft_asr.cl.runner.StreamResults` (or its dict). Returns ``path``.
     """
     plt = _pyplot()
     items = [(name, _as_dict(r)) for name, r in results.items()]

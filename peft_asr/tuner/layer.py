@@ -33,10 +33,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import BASE_ROUTE
 
-__all__ = ["ASRLayer", "Linear", "gathered_delta", "grouped_delta", "ROUTED_KERNELS"]
-
-ROUTED_KERNELS = ("gathered", "grouped")
-ROUTED_KERNEL = "gathered"  # module setting read by every routed forward (benchmarks switch it)
+__all__ = ["ASRLayer", "Linear", "gathered_delta"]
 
 
 def gathered_delta(x: torch.Tensor, task_ids: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
@@ -53,23 +50,6 @@ def gathered_delta(x: torch.Tensor, task_ids: torch.Tensor, a_all: torch.Tensor,
     delta = torch.bmm(h, b.transpose(1, 2)) * scaling  # (B, L, r) @ (B, r, out) -> (B, L, out)
     keep = (task_ids > 0).to(delta.dtype).view(-1, 1, 1)  # (B, 1, 1): 0 for the base route
     return delta * keep
-
-
-def grouped_delta(x: torch.Tensor, task_ids: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
-                  scaling: float) -> torch.Tensor:
-    """The same update computed task by task: one pair of matmuls per task present in the batch.
-
-    Reads ``task_ids`` on the host (one sync) to find the tasks present; the reference for `gathered_delta`.
-    """
-    delta = x.new_zeros(*x.shape[:-1], b_all.shape[1], dtype=a_all.dtype)  # (B, L, out)
-    for cls in torch.unique(task_ids).tolist():  # host sync
-        if cls == 0:
-            continue
-        rows = (task_ids == cls).nonzero().flatten()  # (n,)
-        xi = x.index_select(0, rows).to(a_all.dtype)  # (n, L, in)
-        update = nn.functional.linear(nn.functional.linear(xi, a_all[cls - 1]), b_all[cls - 1]) * scaling
-        delta.index_copy_(0, rows, update)  # (n, L, out) into the rows of task cls
-    return delta
 
 
 class ASRLayer(BaseTunerLayer):
@@ -266,8 +246,7 @@ class Linear(nn.Module, ASRLayer):
                 f"{x.shape[0]} rows; pass one `task_names` entry per row, or call the model on the batch that was routed."
             )
         a_all, b_all = self._stacks(tasks_a, tasks_b)
-        kernel = gathered_delta if ROUTED_KERNEL == "gathered" else grouped_delta
-        delta = kernel(dropout(x), task_ids, a_all, b_all, scaling)
+        delta = gathered_delta(dropout(x), task_ids, a_all, b_all, scaling)
         return delta.squeeze(1) if squeeze else delta
 
     def __repr__(self) -> str:

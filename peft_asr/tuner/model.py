@@ -9,86 +9,39 @@ Flow of one routed forward (eval mode, no task pinned)::
 One pass: the shallow blocks run once, and the decision reaches the deep layers through forward pre-hooks installed
 for the duration of one ``forward`` or one whole ``generate`` call and removed in ``finally``. Which calls route,
 which follow an explicit choice (``task_names``, ``use_task``, the task being trained) and which refuse is the
-routing contract of :mod:`peft_asr.routing`.
+routing contract of :mod:`peft_asr.tuner.routing`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import weakref
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .config import BASE_ROUTE, ASRConfig, validate_task_name
-from .features import is_packed, masked_mean, positions_from_mask, prompt_mask, unpack_rows
+from .blocks import find_blocks, find_final_norm
 from .layer import ASRLayer, Linear
-from .router import BASE_CLASS, AnalyticRouter
-from .routing import hidden_from_call, plan_call, routing_hooks
-from .validation import check_batch, check_batches, check_features
+from .router import AnalyticRouter
+from .hooks import routing_hooks
+from .routing import plan_call
+from .shallow import RouterFeaturesMixin
 
 __all__ = ["ASRModel"]
 
-LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
-
-
-class _StopForward(Exception):
-    """Raised by the feature hook to end a forward pass after the shallow blocks (the deep ones never run)."""
-
-
-def find_blocks(model: nn.Module, layers_pattern: Optional[str] = None) -> tuple[str, nn.ModuleList]:
-    """Find the transformer block list (PEFT's ``layers_pattern`` conventions); the encoder's for seq2seq models."""
-    patterns = (layers_pattern,) if layers_pattern else LAYERS_PATTERNS
-    found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and name.rsplit(".", 1)[-1] in patterns
-    ]
-    # a block may hold its own ModuleList named like a block list (T5Block.layer): keep the outermost lists only
-    found = [(n, m) for n, m in found if not any(n.startswith(other + ".") for other, _ in found)]
-    if len(found) > 1:
-        encoder = [(n, m) for n, m in found if "encoder" in n.split(".")]
-        found = encoder or found
-    if len(found) != 1:
-        listed = [n for n, _ in found]
-        raise ValueError(
-            f"could not find a unique list of transformer blocks named {list(patterns)} in "
-            f"{type(model).__name__} (candidates: {listed}); set `layers_pattern` in the ASRConfig to the name of the "
-            "`nn.ModuleList` holding the blocks."
-        )
-    return found[0]
-
-
-def find_final_norm(model: nn.Module, blocks_name: str) -> nn.Module:
-    """The normalisation applied after the block list by its parent (``norm``, ``ln_f``, ``final_layer_norm``...).
-
-    Post-norm encoders such as BERT have none; the hidden states are then used as they are.
-    """
-    parent_name, _, child = blocks_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    after = False
-    for name, module in parent.named_children():
-        if name == child:
-            after = True
-        elif after and "norm" in type(module).__name__.lower():
-            return module
-    return nn.Identity()
-
-
-class ASRModel(BaseTuner):
+class ASRModel(RouterFeaturesMixin, BaseTuner):
     """Analytic Subspace Routing (Any-SSR) tuner: per-task LoRA subspaces in the deep blocks and an analytic router.
 
     Created by ``get_peft_model(model, ASRConfig(...))`` (after ``import peft_asr``); its public methods are reachable
     on the returned ``PeftModel``: :meth:`add_task`, :attr:`tasks`, :meth:`fit_router`, :meth:`route`,
     :meth:`route_scores`, :meth:`use_task`, :meth:`remove_task`.
 
-    The routing contract (details in :mod:`peft_asr.routing` and docs/concepts.md): a call
+    The routing contract (details in :mod:`peft_asr.tuner.routing` and docs/concepts.md): a call
 
     1. follows an explicit choice when there is one: ``task_names=[...]`` on ``forward``/``generate`` (one entry
        per row, ``None`` for the base model), a task pinned by :meth:`use_task`, or, for a training-mode
@@ -374,159 +327,6 @@ class ASRModel(BaseTuner):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._cache_routes = weakref.WeakKeyDictionary()
-
-    # ------------------------------------------------------------------ router features
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            yield
-        finally:
-            self.model.train(was_training)
-
-    def _pool(self, hidden: torch.Tensor, inputs: Mapping[str, Any], strict: bool = True) -> torch.Tensor:
-        """Router input from the hidden state entering the router block: (B, L, d) -> (B, d) float64.
-
-        ``strict=False`` (the routed forward path): no host sync; a row with no prompt token pools to NaN and is
-        routed to the base model. The prompt rule is :func:`peft_asr.features.prompt_mask`'s.
-        """
-        mask = prompt_mask(
-            inputs.get("attention_mask"),
-            inputs.get("labels"),
-            inputs.get("prompt_mask"),
-            shape=tuple(hidden.shape[:2]),
-        )
-        with torch.no_grad():
-            normed = self._final_norm()(hidden)  # (B, L, d)
-        return masked_mean(normed, mask.to(hidden.device), strict=strict)  # (B, L, d) -> (B, d)
-
-    def _absolute_positions(self) -> bool:
-        """Whether the model adds learned absolute position embeddings (GPT-2 ``wpe``, BERT ``position_embeddings``):
-        then a row's features depend on where its tokens start, and positions must come from the attention mask."""
-        if not hasattr(self, "_absolute_positions_found"):
-            inputs = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-            self._absolute_positions_found = any(
-                isinstance(m, nn.Embedding) and m is not inputs
-                and (name.rsplit(".", 1)[-1] == "wpe" or "position" in name.rsplit(".", 1)[-1])
-                for name, m in self.model.named_modules()
-            )
-        return self._absolute_positions_found
-
-    def _positions_from_mask(self) -> bool:
-        """Whether routing derives ``position_ids`` from the attention mask: decoder-only models that generate
-        (``generate`` derives them so); encoders (BERT, RoBERTa's padding-aware positions, T5's encoder) keep their
-        own defaults, which is what their routed forward runs with too."""
-        if not hasattr(self, "_positions_from_mask_found"):
-            config = getattr(self.model, "config", None)
-            can_generate = getattr(self.model, "can_generate", None)
-            self._positions_from_mask_found = (
-                not getattr(config, "is_encoder_decoder", False)
-                and callable(can_generate) and can_generate()
-                and "position_ids" in inspect.signature(self._feature_module().forward).parameters
-            )
-        return self._positions_from_mask_found
-
-    def router_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Pooled router inputs (B, d) of a batch, running only the blocks below ``router_layer``.
-
-        ``batch`` holds ``input_ids`` (or ``inputs_embeds``), optionally ``attention_mask``, ``labels`` (real tokens
-        labelled -100 are the prompt; a row that marks none is prompt as a whole), ``prompt_mask`` (an explicit
-        prompt mask, used instead of ``labels``) and ``position_ids`` (otherwise derived from the attention mask,
-        as ``generate`` does). Packed rows (``position_ids`` restarting inside a row) are split into one row per
-        example first, so the result has one row per example.
-        """
-        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        check_batch(batch, getattr(embeddings, "num_embeddings", None))
-        device = self._device()
-        tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if is_packed(tensors):
-            pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
-            tensors = unpack_rows(tensors, pad)  # (B, L) packed -> (examples, max length), one prompt per row
-        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
-            tensors.pop("labels", None)  # decoder targets: they say nothing about which encoder tokens are the prompt
-        captured: dict[str, torch.Tensor] = {}
-
-        def hook(_module, args, kwargs):
-            captured["pooled"] = self._pool(hidden_from_call(args, kwargs), tensors)
-            raise _StopForward
-
-        call = {k: tensors[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
-                if tensors.get(k) is not None}
-        if "position_ids" not in call and "attention_mask" in call and self._positions_from_mask():
-            call["position_ids"] = positions_from_mask(call["attention_mask"])  # as `generate` derives them
-        handle = self._router_block().register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad(), self._eval_mode():
-                self._feature_module()(**call)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if "pooled" not in captured:
-            raise RuntimeError("the router block was never reached; is `layers_pattern` pointing at the right blocks?")
-        return captured["pooled"]
-
-    def fit_router(
-        self,
-        batches: Iterable[Mapping[str, Any]],
-        task: Optional[str],
-        *,
-        progress: bool = True,
-        reduce_sum=None,
-    ) -> "ASRModel":
-        """Add the prompts of ``batches`` to the router statistics of ``task`` and mark the router for re-solving.
-
-        Args:
-            batches: iterable of collated batches (dicts with ``input_ids``, ``attention_mask`` and ``labels`` where
-                -100 marks prompt tokens, or ``prompt_mask``; without either, every real token counts as prompt).
-            task: a task of the bank, or ``None`` / ``"__base__"`` for the general route (rows routed there are
-                answered by the plain base model).
-            progress: show a progress bar.
-            reduce_sum: in distributed runs, a function summing a tensor over processes; the statistics added by
-                this call are summed so every process holds the same router.
-
-        Only the blocks below ``router_layer`` run (no gradients). Returns ``self``.
-        """
-        if task is not None and not isinstance(task, str):
-            raise TypeError(f"`task` must be a task name (str) or None for the base route, got {type(task).__name__}.")
-        check_batches(batches)
-        label = BASE_CLASS if task in (None, BASE_ROUTE) else self.bank_config.tasks.index(self._check_task(task)) + 1
-        router = self.router
-        before = router.snapshot()  # all or nothing: a bad batch halfway leaves the router as it was
-        seen = 0
-        try:
-            for batch in tqdm(batches, desc=f"router fit [{task or BASE_ROUTE}]", disable=not progress, leave=False):
-                pooled = self.router_features(batch)
-                check_features(pooled)
-                router.partial_fit(pooled, label)
-                seen += pooled.shape[0]
-            if reduce_sum is not None:
-                router.all_reduce_statistics(reduce_sum, before)
-            elif seen == 0:
-                raise ValueError(f"`fit_router` got no batches for task {task!r}; pass the task's (prompt) batches.")
-        except BaseException:
-            router.restore(before)
-            raise
-        return self
-
-    # ------------------------------------------------------------------ routing
-    def route_scores(self, input_ids=None, attention_mask=None, *, include_base: bool = False, **batch) -> torch.Tensor:
-        """Router scores (B, T), float64, columns in :attr:`tasks` order (``include_base``: base route first)."""
-        batch = dict(batch, input_ids=input_ids, attention_mask=attention_mask)
-        pooled = self.router_features(batch)
-        check_features(pooled)
-        scores = self.router.scores(pooled)  # (B, T + 1)
-        return scores if include_base else scores[:, 1:]
-
-    def route(self, input_ids=None, attention_mask=None, **batch) -> list[str]:
-        """The task chosen for every row (``"__base__"`` for rows sent to the plain base model)."""
-        batch = dict(batch, input_ids=input_ids, attention_mask=attention_mask)
-        pooled = self.router_features(batch)
-        check_features(pooled)
-        classes = self.router.predict(pooled).tolist()
-        names = [BASE_ROUTE] + self.tasks
-        return [names[c] for c in classes]
 
     @contextlib.contextmanager
     def generate_scope(self) -> Iterator[None]:

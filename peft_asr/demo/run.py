@@ -15,10 +15,11 @@ from typing import Optional
 
 import torch
 
-from .config import BASE_ROUTE, ASRConfig
-from .continual import StreamResults, generate_answers, run_stream
-from .data import prompt_batches
-from .demo_stream import demo_stream, general_prompts
+from ..tuner.config import BASE_ROUTE, ASRConfig
+from ..cl.metrics import percent
+from ..cl.runner import StreamResults, generate_answers, run_stream
+from ..cl.tokenization import prompt_batches
+from .stream import demo_stream, general_prompts
 
 __all__ = ["run_demo", "format_tables"]
 
@@ -49,12 +50,6 @@ def _general_check(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
             "routes": dict(zip(prompts, routes))}
 
 
-def _pct(v: Optional[float], signed: bool = False) -> str:
-    if v is None:
-        return "   -"
-    return f"{100 * v:+5.1f}" if signed else f"{100 * v:5.1f}"
-
-
 def format_tables(results: dict[str, StreamResults], general: Optional[dict] = None) -> str:
     """The terminal report: accuracy matrices, CL metrics, routing accuracy and confusion, time per stage."""
     lines: list[str] = []
@@ -64,14 +59,14 @@ def format_tables(results: dict[str, StreamResults], general: Optional[dict] = N
         lines.append(f"\n== {name}: accuracy matrix R[t][i] (%), row = after training task t ==")
         lines.append(" " * (width + 6) + "".join(f"{t:>{width}}" for t in tasks))
         if res.baseline is not None:
-            lines.append(f"{'base model':<{width + 6}}" + "".join(f"{_pct(v):>{width}}" for v in res.baseline))
+            lines.append(f"{'base model':<{width + 6}}" + "".join(f"{percent(v, width=5):>{width}}" for v in res.baseline))
         for t, row in enumerate(res.matrix):
-            lines.append(f"after {tasks[t]:<{width}}" + "".join(f"{_pct(v):>{width}}" for v in row))
+            lines.append(f"after {tasks[t]:<{width}}" + "".join(f"{percent(v, width=5):>{width}}" for v in row))
         s = res.summary
-        lines.append(f"OP {_pct(s.get('op'))}   BWT {_pct(s.get('bwt'), True)}   FWT {_pct(s.get('fwt'), True)}   "
-                     f"forgetting {_pct(s.get('forgetting'), True)}")
+        lines.append(f"OP {percent(s.get('op'), width=5)}   BWT {percent(s.get('bwt'), True, width=5)}   FWT {percent(s.get('fwt'), True, width=5)}   "
+                     f"forgetting {percent(s.get('forgetting'), True, width=5)}")
         if res.routing:
-            lines.append("routing accuracy per stage (%): " + "  ".join(_pct(r["accuracy"]).strip() for r in res.routing))
+            lines.append("routing accuracy per stage (%): " + "  ".join(percent(r["accuracy"], width=5).strip() for r in res.routing))
             last = res.routing[-1]
             lines.append("routing confusion after the last task (rows: true task, columns: routed to):")
             labels = last["labels"]
@@ -87,9 +82,9 @@ def format_tables(results: dict[str, StreamResults], general: Optional[dict] = N
     if general:
         identical = general["identical_to_base"]
         lines.append(
-            f"\n== general prompts (held out) ==\nrouted to the base model: {_pct(general['routed_to_base']).strip()}% "
+            f"\n== general prompts (held out) ==\nrouted to the base model: {percent(general['routed_to_base'], width=5).strip()}% "
             f"of {general['prompts']}; answers identical to the base model: "
-            f"{'-' if identical is None else _pct(identical).strip() + '%'}")
+            f"{'-' if identical is None else percent(identical, width=5).strip() + '%'}")
     return "\n".join(lines)
 
 
@@ -103,7 +98,7 @@ def run_demo(output_dir: str = "asr-demo", *, quick: bool = False, model: Option
     would not fit its time budget.
     """
     from .default_model import load_model_and_tokenizer
-    from .plots import plot_accuracy_matrices, plot_routing_confusion
+    from ..cl.plots import plot_accuracy_matrices, plot_routing_confusion
 
     started = time.perf_counter()
     settings = {**SETTINGS["quick" if quick else "default"], **(overrides or {})}

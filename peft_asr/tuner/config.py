@@ -10,16 +10,23 @@ from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
-from peft.utils import CONFIG_NAME
+from peft.utils import CONFIG_NAME, PeftType
 
-from ._registry import ASR_PEFT_TYPE
 from .errors import ASRConfigError, ASRConfigTypeError
+from .paths import adapter_folder, hub_download_kwargs
 
-__all__ = ["ASRConfig", "BASE_ROUTE", "validate_task_name", "FORMAT_VERSION", "read_config_json", "check_config_dict"]
+__all__ = ["ASRConfig", "BASE_ROUTE", "ASR_TYPE", "is_task_name", "validate_task_name", "FORMAT_VERSION", "read_config_json", "check_config_dict"]
 
 BASE_ROUTE = "__base__"  # reserved name of the general route (rows answered by the plain base model)
 FORMAT_VERSION = 1  # version of the bank layout on disk; a bank with a newer version is refused with a clear error
-_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+ASR_TYPE = "ASR"  # the PEFT type of an ASR bank (``PeftType.ASR``, added to PEFT's enum by ``peft_asr._registry``)
+# the one task-name rule (the config, add_task and the data loaders all use it): names become state-dict keys
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
+
+
+def is_task_name(name: object) -> bool:
+    """Whether ``name`` is a valid task name: 1-64 letters, digits, '_' or '-', starting with a letter or digit."""
+    return isinstance(name, str) and TASK_NAME.fullmatch(name) is not None
 
 
 def validate_task_name(name: object, existing: list[str]) -> str:
@@ -28,7 +35,7 @@ def validate_task_name(name: object, existing: list[str]) -> str:
         raise TypeError(f"task name must be a str, got {type(name).__name__} ({name!r}).")
     if name == BASE_ROUTE:
         raise ValueError(f"task name {BASE_ROUTE!r} is reserved for the base route (general data).")
-    if not _TASK_NAME.match(name):
+    if not is_task_name(name):
         raise ValueError(
             f"task name {name!r} is not valid: use 1-64 letters, digits, '_' or '-', starting with a letter or digit "
             "(names become keys in the saved bank)."
@@ -136,7 +143,7 @@ class ASRConfig(PeftConfig):
     def __post_init__(self):
         self._check_base_fields()
         super().__post_init__()
-        self.peft_type = ASR_PEFT_TYPE
+        self.peft_type = PeftType(ASR_TYPE)
         self._check_int("r", self.r, minimum=1)
         self._check_number("lora_alpha", self.lora_alpha, "a positive number", lambda v: v > 0)
         self._check_number("lora_dropout", self.lora_dropout, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
@@ -215,7 +222,7 @@ class ASRConfig(PeftConfig):
                 f"`task_type` must be one of {[t.value for t in TaskType]} or None, got {self.task_type!r}; "
                 "use 'CAUSAL_LM' for decoder models."
             )
-        if self.peft_type is not None and self.peft_type != ASR_PEFT_TYPE:
+        if self.peft_type is not None and self.peft_type != ASR_TYPE:
             raise ASRConfigError(f"`peft_type` of an ASRConfig must be 'ASR', got {self.peft_type!r}.")
         for name in ("base_model_name_or_path", "revision", "peft_version"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
@@ -243,17 +250,16 @@ class ASRConfig(PeftConfig):
         Unlike PEFT's loader, which drops unknown keys with a warning, a bank's ``adapter_config.json`` must hold
         every ASR field and nothing else; any problem raises :class:`~peft_asr.ASRConfigError`.
         """
-        path = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(pretrained_model_name_or_path)
+        path = adapter_folder(pretrained_model_name_or_path, subfolder=subfolder)
         file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(file):
             if os.path.isdir(path):
                 raise ASRConfigError(f"{path} has no {CONFIG_NAME}; it is not a saved bank.")
             from huggingface_hub import hf_hub_download
 
-            hub_keys = ("revision", "cache_dir", "token", "local_files_only", "repo_type", "force_download")
             try:
                 file = hf_hub_download(str(pretrained_model_name_or_path), CONFIG_NAME, subfolder=subfolder,
-                                       **{k: kwargs[k] for k in hub_keys if k in kwargs})
+                                       **hub_download_kwargs(kwargs))
             except Exception as err:  # the Hub client raises many types (offline, 404, bad repo id); one clear error
                 raise ASRConfigError(
                     f"cannot find {CONFIG_NAME} at {pretrained_model_name_or_path!r} (not a local folder, and the "
@@ -299,7 +305,7 @@ def check_config_dict(data: object, source: str = "adapter_config.json") -> None
     """
     if not isinstance(data, dict):
         raise ASRConfigError(f"{source} must hold a JSON object, got {type(data).__name__}.")
-    if data.get("peft_type") != "ASR":
+    if data.get("peft_type") != ASR_TYPE:
         raise ASRConfigError(
             f"{source} has peft_type {data.get('peft_type')!r}, not 'ASR': it is not an Analytic Subspace Routing bank."
         )

@@ -16,14 +16,16 @@ from typing import Sequence, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import rls
-from .config import ASRConfig, read_config_json
-from .errors import BankError
-from .hub import STATISTICS_FILE, WEIGHTS_FILE, atomic_save, check_bank, write_card
+from ..tuner import rls
+from ..tuner.config import ASRConfig
+from ..tuner.errors import BankError
+from .atomic import atomic_save
+from .card import write_card
+from .check import check_bank
+from .files import ROUTER_PREFIX, STATISTICS_FILE, WEIGHTS_FILE, read_bank_config
 
 __all__ = ["merge_banks"]
 
-ROUTER_PREFIX = "base_model.asr_router."
 # settings that must be equal for statistics (and subspaces) to be combinable
 MUST_MATCH = ("base_model_name_or_path", "base_hidden_size", "base_num_layers", "task_type", "router_layer",
               "feature_dim", "activation", "ridge", "router_seed", "r", "lora_alpha", "target_modules",
@@ -31,12 +33,7 @@ MUST_MATCH = ("base_model_name_or_path", "base_hidden_size", "base_num_layers", 
 
 
 def _read_bank(path: Path) -> tuple[ASRConfig, dict, dict]:
-    if not (path / "adapter_config.json").is_file():
-        raise BankError(f"{path} is not a saved bank (no adapter_config.json).")
-    data = read_config_json(str(path / "adapter_config.json"))
-    if not isinstance(data, dict) or data.get("peft_type") != "ASR":
-        kind = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
-        raise BankError(f"{path} holds a {kind} adapter, not an ASR bank.")
+    read_bank_config(path)
     config, stats = check_bank(str(path))  # strict config, safetensors only, statistics that match the weight
     if stats is None:
         raise BankError(

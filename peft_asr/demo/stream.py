@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 
-from .data import Task
+from ..cl.tasks import Task
 
 __all__ = ["demo_stream", "general_prompts"]
 

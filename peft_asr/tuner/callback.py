@@ -24,31 +24,24 @@ import time
 from typing import Optional
 
 import torch
+from accelerate.utils import extract_model_from_parallel, reduce
+from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback
 
-from .data import shard_batches
 
 __all__ = ["ASRCallback"]
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _router_loader(dataset, collate_fn, batch_size: int, rank: int, world: int) -> DataLoader:
+    """Rows ``rank, rank + world, ...`` of ``dataset`` in order: each prompt once across ranks (a distributed
+    sampler would repeat rows to even out the last batch, and count those prompts twice in the router)."""
+    return DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size,
+                      collate_fn=collate_fn, shuffle=False)
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes (float64 kept: gloo and NCCL both reduce float64)."""
-    out = tensor.clone()
-    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
-    return out
-
-
-def _unwrap(model):
-    """The PEFT model behind DDP / accelerate wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "base_model"):
-        model = model.module
-    return model
+    return reduce(tensor, reduction="sum")
 
 
 class ASRCallback(TrainerCallback):
@@ -85,8 +78,7 @@ class ASRCallback(TrainerCallback):
         dataset = getattr(train_dataloader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__") and train_dataloader.collate_fn is not None:
             # read the dataset itself, sharded by rank: each prompt once, whatever the sampler repeats or shuffles
-            return shard_batches(dataset, train_dataloader.collate_fn, batch_size=args.per_device_train_batch_size,
-                                 rank=rank, world_size=world)
+            return _router_loader(dataset, train_dataloader.collate_fn, args.per_device_train_batch_size, rank, world)
         if world == 1:
             return train_dataloader  # an iterable dataset: one pass over the loader
         raise RuntimeError("ASRCallback needs a map-style train dataset in distributed runs (to count each prompt once).")
@@ -95,7 +87,7 @@ class ASRCallback(TrainerCallback):
         model.hold_task(self._task(model))
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        model = _unwrap(model)
+        model = extract_model_from_parallel(model)
         if not hasattr(model, "fit_router"):
             raise TypeError(
                 f"ASRCallback needs an ASR model (`get_peft_model(model, ASRConfig(...))`), got {type(model).__name__}."
@@ -107,7 +99,7 @@ class ASRCallback(TrainerCallback):
                 "it as `SFTTrainer(model=model, ...)` instead of `peft_config=ASRConfig(...)`, which leaves no task."
             )
         if train_dataloader is not None:
-            rank, world = _rank_and_world()
+            rank, world = args.process_index, args.world_size
             first = next(iter(self._router_batches(args, train_dataloader, rank, world)), None)
             if first is None:
                 raise ValueError("ASRCallback: the train dataset gives no batch, so the router would learn nothing.")
@@ -118,23 +110,23 @@ class ASRCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if control.should_evaluate:
-            self._pin_for_evaluation(_unwrap(model))
+            self._pin_for_evaluation(extract_model_from_parallel(model))
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if control.should_evaluate:
-            self._pin_for_evaluation(_unwrap(model))
+            self._pin_for_evaluation(extract_model_from_parallel(model))
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         # not at `on_evaluate`: with several eval datasets `Trainer.evaluate` fires it after each one
         if not self.pin_during_training:
-            _unwrap(model).release_task()
+            extract_model_from_parallel(model).release_task()
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        model = _unwrap(model)
+        model = extract_model_from_parallel(model)
         model.release_task()
-        rank, world = _rank_and_world()
+        rank, world = args.process_index, args.world_size
         batches = self._router_batches(args, train_dataloader, rank, world)
         start = time.perf_counter()
         model.fit_router(batches, task=self._task(model), progress=self.progress and state.is_local_process_zero,
-                         reduce_sum=_all_reduce_sum if world > 1 else None)
+                         reduce_sum=_sum_over_processes if world > 1 else None)
         self.fit_seconds = time.perf_counter() - start

@@ -8,9 +8,9 @@ card included, and nothing else:
 
 1. ``create_repo(repo_id, exist_ok=True)`` (and ``create_branch`` when ``revision`` names a branch);
 2. ``save_pretrained`` into a temporary folder (PEFT's files, the router statistics when kept, the card);
-3. one ``create_commit`` that adds every file and deletes a ``router_statistics.safetensors`` left on the Hub by an
-   earlier push when this save has none (a stale statistics file would not match the new router weight, and loading
-   the bank would refuse it).
+3. one ``HfApi.upload_folder`` commit that adds every file and, through ``delete_patterns``, deletes a
+   ``router_statistics.safetensors`` left on the Hub by an earlier push when this save has none (a stale statistics
+   file would not match the new router weight, and loading the bank would refuse it).
 
 ``import peft_asr`` makes ``PeftModel.push_to_hub`` take this path for ASR banks (the wrapper lives in
 ``peft_asr._registry``, the one module that touches PEFT internals); other PEFT methods are untouched.
@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 import tempfile
 from typing import Optional, Union
+
+from .files import CARD_FILE, STATISTICS_FILE, adapter_folder, is_asr_model
 
 __all__ = ["push_bank_to_hub"]
 
@@ -81,10 +83,9 @@ def push_bank_to_hub(
     Returns:
         `huggingface_hub.CommitInfo` of the commit (its ``oid`` is the new revision).
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
+    from huggingface_hub import HfApi, ModelCard
 
-    from . import __version__
-    from .hub import STATISTICS_FILE, is_asr_model
+    from .. import __version__
 
     if not is_asr_model(peft_model):
         raise TypeError(
@@ -101,32 +102,20 @@ def push_bank_to_hub(
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp, **save_kwargs)
         if tags:
-            card_path = os.path.join(tmp, "README.md")
+            card_path = os.path.join(tmp, CARD_FILE)
             card = ModelCard.load(card_path)
             card.data.tags = sorted(set(card.data.tags or []) | set(tags))
             card.save(card_path)
-        operations = []
-        for folder, _, files in os.walk(tmp):
-            for name in sorted(files):
-                path = os.path.join(folder, name)
-                operations.append(CommitOperationAdd(path_in_repo=os.path.relpath(path, tmp).replace(os.sep, "/"),
-                                                     path_or_fileobj=path))
-        uploaded = {op.path_in_repo for op in operations}
-        # a statistics file from an earlier push would not match this router weight: delete it in the same commit
-        stale = [f for f in _statistics_paths(peft_model, STATISTICS_FILE) if f not in uploaded
-                 and api.file_exists(repo_id, f, revision=revision)]
-        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
-        return api.create_commit(
-            repo_id,
-            operations,
+        # a statistics file from an earlier push would not match this router weight: it goes in the same commit
+        # (`upload_folder` keeps a file that this upload adds, so a fresh statistics file replaces the old one)
+        statistics = os.path.relpath(adapter_folder(tmp, peft_model.base_model._adapter), tmp)
+        statistics = STATISTICS_FILE if statistics == "." else f"{statistics}/{STATISTICS_FILE}"
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
             commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
             commit_description=commit_description,
             revision=revision,
             create_pr=create_pr,
+            delete_patterns=[statistics],
         )
-
-
-def _statistics_paths(peft_model, filename: str) -> list[str]:
-    # PEFT saves the adapter called "default" at the top of the folder, others in a sub-folder named after them
-    adapter = peft_model.base_model._adapter
-    return [filename if adapter == "default" else f"{adapter}/{filename}"]

@@ -1,0 +1,116 @@
+"""Saving and loading banks through PEFT: ``save_pretrained`` / ``load_adapter`` / ``from_pretrained`` of ASR banks
+(``peft_asr._registry`` routes those calls here), and fetching a bank from the Hub.
+
+A save writes PEFT's files, the router statistics and the model card into one atomic swap
+(:mod:`peft_asr.bank.atomic`). A load checks every file first (:mod:`peft_asr.bank.check`), lets PEFT load the
+weights, then restores the router statistics.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from safetensors.torch import save_file
+
+from ..tuner.config import ASRConfig, read_config_json
+from ..tuner.errors import BankError
+from .atomic import atomic_save, recover_bank
+from .card import write_model_card
+from .check import check_bank
+from .files import CONFIG_FILE, STATISTICS_FILE, WEIGHTS_FILE, adapter_folder, hub_download_kwargs, is_asr_config
+
+__all__ = ["save_bank", "load_bank", "preflight"]
+
+
+def save_bank(peft_model, original_save, save_directory, *args, **kwargs):
+    """``PeftModel.save_pretrained`` for ASR banks: PEFT's files, the statistics and the model card, saved atomically."""
+    safe = kwargs.get("safe_serialization", args[0] if args else True)
+    if not safe:
+        raise BankError("ASR banks are saved as safetensors only (pickle files can run code when read); drop "
+                        "`safe_serialization=False`.")
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise BankError(f"`save_directory` must be a path (str or os.PathLike), got {type(save_directory).__name__}.")
+    tuner = peft_model.base_model
+    tuner.router.solve()  # the saved weight must match the statistics
+    if not kwargs.get("is_main_process", True):
+        return original_save(peft_model, save_directory, *args, **kwargs)
+    adapter = tuner._adapter
+    config: ASRConfig = tuner.bank_config
+    keep_statistics = config.save_router_statistics and tuner.router.has_statistics
+
+    def write(folder: str):
+        result = original_save(peft_model, folder, *args, **kwargs)
+        if keep_statistics:
+            save_file(tuner.router.statistics_state_dict(), os.path.join(adapter_folder(folder, adapter), STATISTICS_FILE),
+                      metadata={"format": "pt"})  # one key: safetensors writes metadata in hash order
+        write_model_card(peft_model, folder)
+        return result
+
+    # statistics that belong to an older state of the bank must not survive a save without them
+    dropped = set() if keep_statistics else {STATISTICS_FILE if adapter == "default" else adapter}
+    return atomic_save(save_directory, write, dropped)
+
+
+def _hub_bank(model_id: str, subfolder: Optional[str], kwargs: dict) -> str:
+    """Download a bank's three files from one Hub revision (``snapshot_download`` pins it) into the cache; returns
+    the cache folder holding them. Nothing else of the repository is fetched: no pickle file is ever downloaded."""
+    from huggingface_hub import snapshot_download
+
+    prefix = subfolder.strip("/") + "/" if subfolder else ""
+    try:
+        snapshot = snapshot_download(model_id, allow_patterns=[prefix + f for f in (CONFIG_FILE, WEIGHTS_FILE,
+                                                                                     STATISTICS_FILE)],
+                                     **hub_download_kwargs(kwargs))
+    except Exception as err:  # the Hub client raises many types (bad id, offline, no access): one clear error
+        raise BankError(f"cannot load {model_id!r}: no such folder, and the Hub download failed ({err}).") from err
+    local = adapter_folder(snapshot, subfolder=subfolder)
+    if not os.path.isfile(os.path.join(local, CONFIG_FILE)):
+        raise BankError(f"{model_id!r} is neither a local folder nor a Hub repo with {CONFIG_FILE}.")
+    if not os.path.isfile(os.path.join(local, WEIGHTS_FILE)):
+        raise BankError(
+            f"{model_id} has no {WEIGHTS_FILE}; ASR banks load from safetensors only (a pickle file is never read)."
+        )
+    return local
+
+
+def _local_bank(model_id: str, subfolder: Optional[str], kwargs: dict) -> str:
+    """The local folder holding the bank: the folder itself, or the Hub cache folder its files were downloaded to."""
+    local = adapter_folder(model_id, subfolder=subfolder)
+    recover_bank(local)
+    if os.path.isdir(local):
+        return local
+    if os.path.exists(local):
+        raise BankError(f"{local} is a file; a bank is a folder.")
+    if os.path.isabs(model_id) or model_id.startswith(".") or os.sep + os.sep in model_id:
+        raise BankError(f"{local} does not exist.")
+    return _hub_bank(model_id, subfolder, kwargs)
+
+
+def preflight(model_id, subfolder: Optional[str] = None) -> None:
+    """Before ``PeftModel.from_pretrained`` changes the base model: finish an interrupted save and check the bank.
+
+    Does nothing for adapters of other PEFT methods and for Hub ids (checked by :func:`load_bank` once downloaded).
+    """
+    if not isinstance(model_id, (str, os.PathLike)):
+        return
+    local = adapter_folder(model_id, subfolder=subfolder)
+    recover_bank(local)
+    config = os.path.join(local, CONFIG_FILE)
+    if os.path.isfile(config) and is_asr_config(read_config_json(config)):  # an unreadable config: our error
+        check_bank(local)
+
+
+def load_bank(peft_model, original_load, model_id, adapter_name, *args, **kwargs):
+    """``PeftModel.load_adapter`` for ASR banks: check every file first, load with PEFT, then restore the statistics."""
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise BankError(f"`model_id` must be a folder or a Hub repo id (str), got {type(model_id).__name__}.")
+    model_id = os.fspath(model_id)
+    _, stats = check_bank(_local_bank(model_id, kwargs.get("subfolder"), kwargs))
+    result = original_load(peft_model, model_id, adapter_name, *args, **kwargs)
+    router = peft_model.base_model.router
+    if stats is None:
+        router.mark_loaded_without_statistics()
+    else:
+        router.load_statistics(stats, solved=True)  # `check_bank` showed the saved weight solves them
+    return result

@@ -1,0 +1,14 @@
+"""``peft-asr demo``: the built-in task stream (``stream``), the embedded default model (``default_model``) and the
+run that trains and reports (``run``). Built on :mod:`peft_asr.cl`."""
+
+from .stream import demo_stream, general_prompts
+
+__all__ = ["run_demo", "format_tables", "demo_stream", "general_prompts"]
+
+
+def __getattr__(name: str):
+    if name in ("run_demo", "format_tables"):  # the run imports the whole toolkit: only when asked for
+        from . import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

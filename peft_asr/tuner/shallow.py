@@ -1,0 +1,189 @@
+"""The router's side of `ASRModel`: the pass over the blocks below ``router_layer`` that gives a row's pooled
+features (``router_features``), folding them into the router (``fit_router``) and the decisions on a batch
+(``route``, ``route_scores``).
+
+Flow of ``fit_router``: for every batch, check it; split packed rows into examples; derive ``position_ids`` from
+the mask (decoder-only models, as ``generate`` does); run the model with a pre-hook on block ``router_layer`` that
+takes the hidden state, applies the final norm, pools over the prompt (:func:`peft_asr.tuner.features.prompt_mask`)
+and stops the forward (the deep blocks never run); add the pooled rows to the router's statistics. All or nothing:
+a failure halfway restores the router.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Iterable, Iterator, Mapping, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .call_inputs import hidden_from_call
+from .config import BASE_ROUTE
+from .features import is_packed, masked_mean, positions_from_mask, prompt_mask, unpack_rows
+from .router import BASE_CLASS
+from .validation import check_batch, check_batches, check_features
+
+__all__ = ["RouterFeaturesMixin"]
+
+
+class _StopForward(Exception):
+    """Raised by the feature hook to end a forward pass after the shallow blocks (the deep ones never run)."""
+
+
+class RouterFeaturesMixin:
+    """Router features, router fitting and routing decisions of `ASRModel` (which provides ``model``, ``router``,
+    ``bank_config``, ``tasks``, ``_router_block``, ``_final_norm``, ``_feature_module``, ``_device``,
+    ``_check_task``)."""
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    def _pool(self, hidden: torch.Tensor, inputs: Mapping[str, Any], strict: bool = True) -> torch.Tensor:
+        """Router input from the hidden state entering the router block: (B, L, d) -> (B, d) float64.
+
+        ``strict=False`` (the routed forward path): no host sync; a row with no prompt token pools to NaN and is
+        routed to the base model. The prompt rule is :func:`peft_asr.features.prompt_mask`'s.
+        """
+        mask = prompt_mask(
+            inputs.get("attention_mask"),
+            inputs.get("labels"),
+            inputs.get("prompt_mask"),
+            shape=tuple(hidden.shape[:2]),
+        )
+        with torch.no_grad():
+            normed = self._final_norm()(hidden)  # (B, L, d)
+        return masked_mean(normed, mask.to(hidden.device), strict=strict)  # (B, L, d) -> (B, d)
+
+    def _absolute_positions(self) -> bool:
+        """Whether the model adds learned absolute position embeddings (GPT-2 ``wpe``, BERT ``position_embeddings``):
+        then a row's features depend on where its tokens start, and positions must come from the attention mask."""
+        if not hasattr(self, "_absolute_positions_found"):
+            inputs = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+            self._absolute_positions_found = any(
+                isinstance(m, nn.Embedding) and m is not inputs
+                and (name.rsplit(".", 1)[-1] == "wpe" or "position" in name.rsplit(".", 1)[-1])
+                for name, m in self.model.named_modules()
+            )
+        return self._absolute_positions_found
+
+    def _positions_from_mask(self) -> bool:
+        """Whether routing derives ``position_ids`` from the attention mask: decoder-only models that generate
+        (``generate`` derives them so); encoders (BERT, RoBERTa's padding-aware positions, T5's encoder) keep their
+        own defaults, which is what their routed forward runs with too."""
+        if not hasattr(self, "_positions_from_mask_found"):
+            config = getattr(self.model, "config", None)
+            can_generate = getattr(self.model, "can_generate", None)
+            self._positions_from_mask_found = (
+                not getattr(config, "is_encoder_decoder", False)
+                and callable(can_generate) and can_generate()
+                and "position_ids" in inspect.signature(self._feature_module().forward).parameters
+            )
+        return self._positions_from_mask_found
+
+    def router_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Pooled router inputs (B, d) of a batch, running only the blocks below ``router_layer``.
+
+        ``batch`` holds ``input_ids`` (or ``inputs_embeds``), optionally ``attention_mask``, ``labels`` (real tokens
+        labelled -100 are the prompt; a row that marks none is prompt as a whole), ``prompt_mask`` (an explicit
+        prompt mask, used instead of ``labels``) and ``position_ids`` (otherwise derived from the attention mask,
+        as ``generate`` does). Packed rows (``position_ids`` restarting inside a row) are split into one row per
+        example first, so the result has one row per example.
+        """
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        check_batch(batch, getattr(embeddings, "num_embeddings", None))
+        device = self._device()
+        tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if is_packed(tensors):
+            pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+            tensors = unpack_rows(tensors, pad)  # (B, L) packed -> (examples, max length), one prompt per row
+        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            tensors.pop("labels", None)  # decoder targets: they say nothing about which encoder tokens are the prompt
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_module, args, kwargs):
+            captured["pooled"] = self._pool(hidden_from_call(args, kwargs), tensors)
+            raise _StopForward
+
+        call = {k: tensors[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
+                if tensors.get(k) is not None}
+        if "position_ids" not in call and "attention_mask" in call and self._positions_from_mask():
+            call["position_ids"] = positions_from_mask(call["attention_mask"])  # as `generate` derives them
+        handle = self._router_block().register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad(), self._eval_mode():
+                self._feature_module()(**call)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if "pooled" not in captured:
+            raise RuntimeError("the router block was never reached; is `layers_pattern` pointing at the right blocks?")
+        return captured["pooled"]
+
+    def fit_router(
+        self,
+        batches: Iterable[Mapping[str, Any]],
+        task: Optional[str],
+        *,
+        progress: bool = True,
+        reduce_sum=None,
+    ) -> "RouterFeaturesMixin":
+        """Add the prompts of ``batches`` to the router statistics of ``task`` and mark the router for re-solving.
+
+        Args:
+            batches: iterable of collated batches (dicts with ``input_ids``, ``attention_mask`` and ``labels`` where
+                -100 marks prompt tokens, or ``prompt_mask``; without either, every real token counts as prompt).
+            task: a task of the bank, or ``None`` / ``"__base__"`` for the general route (rows routed there are
+                answered by the plain base model).
+            progress: show a progress bar.
+            reduce_sum: in distributed runs, a function summing a tensor over processes; the statistics added by
+                this call are summed so every process holds the same router.
+
+        Only the blocks below ``router_layer`` run (no gradients). Returns ``self``.
+        """
+        if task is not None and not isinstance(task, str):
+            raise TypeError(f"`task` must be a task name (str) or None for the base route, got {type(task).__name__}.")
+        check_batches(batches)
+        label = BASE_CLASS if task in (None, BASE_ROUTE) else self.bank_config.tasks.index(self._check_task(task)) + 1
+        router = self.router
+        before = router.snapshot()  # all or nothing: a bad batch halfway leaves the router as it was
+        seen = 0
+        try:
+            for batch in tqdm(batches, desc=f"router fit [{task or BASE_ROUTE}]", disable=not progress, leave=False):
+                pooled = self.router_features(batch)
+                check_features(pooled)
+                router.partial_fit(pooled, label)
+                seen += pooled.shape[0]
+            if reduce_sum is not None:
+                router.all_reduce_statistics(reduce_sum, before)
+            elif seen == 0:
+                raise ValueError(f"`fit_router` got no batches for task {task!r}; pass the task's (prompt) batches.")
+        except BaseException:
+            router.restore(before)
+            raise
+        return self
+
+    def route_scores(self, input_ids=None, attention_mask=None, *, include_base: bool = False, **batch) -> torch.Tensor:
+        """Router scores (B, T), float64, columns in :attr:`tasks` order (``include_base``: base route first)."""
+        batch = dict(batch, input_ids=input_ids, attention_mask=attention_mask)
+        pooled = self.router_features(batch)
+        check_features(pooled)
+        scores = self.router.scores(pooled)  # (B, T + 1)
+        return scores if include_base else scores[:, 1:]
+
+    def route(self, input_ids=None, attention_mask=None, **batch) -> list[str]:
+        """The task chosen for every row (``"__base__"`` for rows sent to the plain base model)."""
+        batch = dict(batch, input_ids=input_ids, attention_mask=attention_mask)
+        pooled = self.router_features(batch)
+        check_features(pooled)
+        classes = self.router.predict(pooled).tolist()
+        names = [BASE_ROUTE] + self.tasks
+        return [names[c] for c in classes]
