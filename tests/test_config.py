@@ -55,3 +55,22 @@ def test_every_field_is_documented():
     for f in own:
         assert f"{f.name} (`" in doc, f"{f.name} is missing from the Args block"
         assert f.metadata.get("help"), f"{f.name} has no help metadata"
+
+
+@pytest.mark.parametrize("name", ["abc\n", "abc ", "-abc", "a" * 65, "ab/c", "é"])
+def test_one_task_name_rule_for_the_config_the_model_and_the_data(name):
+    """Task names become state-dict keys; the config, `add_task` and `Task` share one rule (a trailing newline
+    passed the config's check once while the data loaders refused it)."""
+    from conftest import two_task_model
+
+    from peft_asr.cl import Task
+    from peft_asr.tuner.config import is_task_name
+
+    assert not is_task_name(name)
+    with pytest.raises(ValueError, match="is not valid"):
+        ASRConfig(task_type="CAUSAL_LM", tasks=[name])
+    with pytest.raises(ValueError, match="is not valid"):
+        two_task_model().add_task(name)
+    with pytest.raises(ValueError, match="must be 1-64 letters"):
+        Task(name=name, train=[], eval=[{"prompt": "p", "answer": "a"}])
+    assert is_task_name("abc") and is_task_name("a-b_9") and is_task_name("a" * 64)

@@ -116,3 +116,50 @@ def test_generate_and_init_wrappers_and_the_special_forward_arguments():
     assert TASK_NAMES_ARG in model.special_peft_forward_args
     other = get_peft_model(tiny_llama(), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
     assert TASK_NAMES_ARG not in other.special_peft_forward_args
+
+
+def test_peft_state_dict_holds_the_router_under_the_keys_banks_use():
+    """The router is two buffers of the tuner; PEFT's own state-dict hooks save and load them, under the keys the
+    bank's checks read (a bank file format: tests/test_bank_compat.py loads a bank of 0.1.0)."""
+    import torch
+    from conftest import two_task_model
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from peft_asr.bank.files import ROUTER_COUNTS_KEY, ROUTER_WEIGHT_KEY
+
+    model = two_task_model()
+    state = get_peft_model_state_dict(model)
+    assert {k for k in state if "asr_router" in k} == {ROUTER_WEIGHT_KEY, ROUTER_COUNTS_KEY}
+    changed = {k: v.clone() for k, v in state.items()}
+    changed[ROUTER_WEIGHT_KEY] += 1.0
+    set_peft_model_state_dict(model, changed)
+    assert torch.equal(model.base_model.router.weight, changed[ROUTER_WEIGHT_KEY])
+
+
+@pytest.mark.parametrize("written_by, loads", [("99.0.0", True), (peft.__version__, False), (None, False)])
+def test_config_of_a_newer_peft_loads_with_a_warning_when_only_peft_keys_are_new(tmp_path, written_by, loads):
+    """A newer PEFT may add fields to its base config; a bank it wrote loads here with a warning. Unknown keys in a
+    config of this PEFT (or of none named) are still refused: they are typos or another library's."""
+    import json
+    import warnings
+
+    from peft_asr import ASRConfig, ASRConfigError
+
+    ASRConfig(task_type="CAUSAL_LM", tasks=["a"]).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["a_new_peft_field"] = True
+    if written_by is None:
+        data.pop("peft_version", None)
+    else:
+        data["peft_version"] = written_by
+    path.write_text(json.dumps(data))
+    if loads:
+        with pytest.warns(UserWarning, match=r"written by peft 99\.0\.0 .*ignoring the keys \['a_new_peft_field'\]"):
+            config = ASRConfig.from_pretrained(tmp_path)
+        assert config.tasks == ["a"] and not hasattr(config, "a_new_peft_field")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ASRConfigError, match=r"unknown keys \['a_new_peft_field'\]"):
+                ASRConfig.from_pretrained(tmp_path)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union
 
@@ -270,9 +271,9 @@ class ASRConfig(PeftConfig):
     @classmethod
     def from_json_dict(cls, data: object, source: str = "adapter_config.json") -> "ASRConfig":
         """Build a config from the parsed JSON of a bank, refusing unknown and missing keys."""
-        check_config_dict(data, source)
+        ignored = check_config_dict(data, source)
         try:
-            return cls(**data)
+            return cls(**{k: v for k, v in data.items() if k not in ignored})
         except ASRConfigError:
             raise
         except (TypeError, ValueError) as err:  # a check PEFT adds in a later version: still our error class
@@ -298,10 +299,27 @@ def read_config_json(path: str) -> dict:
         raise ASRConfigError(f"{path} is not valid JSON ({err}); the file is truncated or corrupt, re-save the bank.") from None
 
 
-def check_config_dict(data: object, source: str = "adapter_config.json") -> None:
+def _written_by_newer_peft(data: dict) -> Optional[str]:
+    """The ``peft_version`` that wrote a config when it is newer than the installed ``peft`` (else None)."""
+    import peft
+    from packaging.version import InvalidVersion, Version
+
+    saved = data.get("peft_version")
+    if not isinstance(saved, str):
+        return None
+    try:
+        newer = Version(saved.split("@")[0]) > Version(peft.__version__.split("@")[0])
+    except InvalidVersion:
+        return None
+    return saved if newer else None
+
+
+def check_config_dict(data: object, source: str = "adapter_config.json") -> frozenset:
     """Check the keys of a saved ASR config: a JSON object with ``peft_type`` "ASR", every ASR field, no unknown key.
 
-    Values are checked by ``ASRConfig.__post_init__``. Raises :class:`ASRConfigError`.
+    One exception: a config written by a newer ``peft`` (its ``peft_version``) may carry keys of that PEFT's base
+    config that the installed one lacks; they are ignored with a warning, as PEFT itself does. Returns the keys to
+    ignore. Values are checked by ``ASRConfig.__post_init__``. Raises :class:`ASRConfigError`.
     """
     if not isinstance(data, dict):
         raise ASRConfigError(f"{source} must hold a JSON object, got {type(data).__name__}.")
@@ -310,7 +328,13 @@ def check_config_dict(data: object, source: str = "adapter_config.json") -> None
             f"{source} has peft_type {data.get('peft_type')!r}, not 'ASR': it is not an Analytic Subspace Routing bank."
         )
     unknown = sorted(str(k) for k in set(data) - _ASR_FIELDS - _PEFT_FIELDS)
-    if unknown:
+    newer = _written_by_newer_peft(data) if unknown else None
+    if newer is not None:
+        import peft
+
+        warnings.warn(f"{source} was written by peft {newer} (installed: {peft.__version__}); ignoring the keys "
+                      f"{unknown}, which this peft does not know.", UserWarning, stacklevel=3)
+    elif unknown:
         raise ASRConfigError(
             f"{source} has unknown keys {unknown}: it was written by a newer peft-asr/peft (upgrade: "
             "`pip install -U peft-asr`) or edited by hand (remove them)."
@@ -321,3 +345,4 @@ def check_config_dict(data: object, source: str = "adapter_config.json") -> None
             f"{source} lacks the keys {missing}; peft-asr writes every field, so the file is incomplete or was not "
             "written by peft-asr. Re-save the bank with `save_pretrained`."
         )
+    return frozenset(unknown) if newer is not None else frozenset()
