@@ -31,7 +31,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED else None
 
     def create_module(self, spec):
-        warnings.warn(f"`{spec.name}` moved to `{MOVED[spec.name]}` in peft-asr 0.2; import it from there.",
+        warnings.warn(f"`{spec.name}` moved to `{MOVED[spec.name]}` (0.1.0 had a flat layout); import it from there.",
                       DeprecationWarning, stacklevel=2)
         return importlib.import_module(MOVED[spec.name])
 

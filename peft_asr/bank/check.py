@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from ..tuner.config import ASRConfig
 from ..tuner.errors import BankError
+from ..tuner.router import statistics_problem
 from .files import CONFIG_FILE, PICKLE_WEIGHTS_FILE, ROUTER_COUNTS_KEY, ROUTER_WEIGHT_KEY, STATISTICS_FILE, WEIGHTS_FILE
 
 __all__ = ["check_bank", "read_safetensors"]
@@ -84,16 +85,11 @@ def check_bank(folder: str) -> tuple[ASRConfig, Optional[dict[str, torch.Tensor]
 def _check_statistics(path: str, stats: dict, config: ASRConfig, weight: torch.Tensor, counts: torch.Tensor) -> None:
     """The statistics file must have the bank's shapes and be the one the saved router weight was solved from."""
     dim, classes = weight.shape
-    grams = classes if config.per_task_statistics else 1
-    expected = {"class_gram": (grams, dim, dim), "cross": (dim, classes), "class_counts": (classes,)}
-    for name, shape in expected.items():
-        tensor = stats.get(name)
-        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != torch.float64:
-            got = "missing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
-            raise BankError(
-                f"{path}: `{name}` is {got}, expected {shape} float64: the statistics file does not belong to this "
-                "bank. Delete it to load the bank for routing only."
-            )
+    problem = statistics_problem(stats, dim, classes, config.per_task_statistics)
+    if problem is not None:
+        raise BankError(f"{path}: {problem}: the statistics file does not belong to this bank. Delete it to load the "
+                        "bank for routing only.")
+    for name, tensor in stats.items():
         if not bool(torch.isfinite(tensor).all()):
             raise BankError(f"{path}: `{name}` holds NaN or inf values; the file is corrupt. Delete it to route only.")
     if not torch.equal(stats["class_counts"], counts):

@@ -1,6 +1,6 @@
 """Pictures of a stream run: accuracy-matrix heat maps side by side, and the routing confusion matrix.
 
-Needs matplotlib (``pip install "peft-asr[plots]"``); it is drawn off-screen (Agg backend), so it works on servers.
+Needs matplotlib (``pip install "peft-asr[cl]"``); it is drawn off-screen (Agg backend), so it works on servers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError('plotting needs matplotlib: pip install "peft-asr[plots]"') from None
+        raise ImportError('plotting needs matplotlib: pip install "peft-asr[cl]"') from None
     return plt
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import rls
 
-__all__ = ["AnalyticRouter", "BASE_CLASS"]
+__all__ = ["AnalyticRouter", "BASE_CLASS", "statistics_problem"]
 
 BASE_CLASS = 0  # column of the "general" route that sends a row to the plain base model
 _STATISTICS = ("class_gram", "cross", "class_counts")
@@ -40,6 +40,20 @@ def make_projection(in_features: int, feature_dim: int, seed: int) -> torch.Tens
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     # (d, E); scaled by 1/sqrt(d) so phi has the same per-coordinate scale as the pooled hidden state
     return torch.randn(in_features, feature_dim, generator=gen, dtype=torch.float64) / in_features**0.5
+
+
+def statistics_problem(stats: dict, dim: int, classes: int, per_class: bool) -> Optional[str]:
+    """What makes ``stats`` not the statistics of a router with ``dim`` features and ``classes`` classes (a missing
+    tensor, a wrong shape or dtype), or None: the one shape rule of the router and of the bank's checks."""
+    expected = {"class_gram": (classes if per_class else 1, dim, dim), "cross": (dim, classes),
+                "class_counts": (classes,)}
+    for name, shape in expected.items():
+        tensor = stats.get(name)
+        if tensor is None:
+            return f"`{name}` is missing"
+        if tuple(tensor.shape) != shape or tensor.dtype != torch.float64:
+            return f"`{name}` is {tuple(tensor.shape)} {tensor.dtype}, expected {shape} float64"
+    return None
 
 
 class AnalyticRouter(nn.Module):
@@ -276,19 +290,11 @@ class AnalyticRouter(nn.Module):
         ``solved``: the current ``weight`` is already the solution of these statistics (a bank checked on load), so it
         is kept bit for bit instead of being re-solved.
         """
-        grams = self.num_classes if self.per_class_statistics else 1
-        expected = {"class_gram": (grams, self.dim, self.dim), "cross": (self.dim, self.num_classes),
-                    "class_counts": (self.num_classes,)}
-        for name, shape in expected.items():
-            if name not in state:
-                raise ValueError(f"router statistics lack `{name}`; the file is incomplete or from another program.")
-            t = state[name]
-            if tuple(t.shape) != shape or t.dtype != torch.float64:
-                raise ValueError(
-                    f"router statistics `{name}` has shape {tuple(t.shape)} and dtype {t.dtype}, expected {shape} "
-                    "float64: the statistics file does not belong to this bank."
-                )
-            rls.check_finite(name, t)
+        problem = statistics_problem(state, self.dim, self.num_classes, self.per_class_statistics)
+        if problem is not None:
+            raise ValueError(f"router statistics: {problem}: the statistics file does not belong to this bank.")
+        for name in _STATISTICS:
+            rls.check_finite(name, state[name])
         device = self.weight.device
         self.class_gram = state["class_gram"].to(device)
         self.cross = state["cross"].to(device)
