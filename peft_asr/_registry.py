@@ -1,4 +1,8 @@
-"""The only module that touches PEFT internals.
+"""The only module that touches PEFT internals; it sits above ``tuner`` and ``bank`` and wires them into PEFT.
+
+What PEFT offers a hook for goes through that hook: the tuner overrides ``BaseTuner``'s extension points as PEFT's own
+tuners do, and the router is buffers that PEFT's state-dict hooks save and load (``_get_adapter_state_dict`` /
+``_remap_adapter_state_dict_for_load``). What it offers none for is here.
 
 What we rely on (pinned by ``tests/test_registry_contract.py``; ``peft`` is pinned to the tested range in
 ``pyproject.toml``):
@@ -12,7 +16,7 @@ What we rely on (pinned by ``tests/test_registry_contract.py``; ``peft`` is pinn
    ``PeftModel.from_pretrained(model, model_id, adapter_name, ..., subfolder=...)`` is wrapped too, so that a bank is
    checked (and an interrupted save finished) *before* PEFT injects layers into the base model, and
    ``PeftModel.push_to_hub(repo_id, ...)`` (transformers' ``PushToHubMixin``), so that an ASR bank is uploaded with
-   its own model card in one commit (``peft_asr.hub_upload``).
+   its own model card in one commit (``peft_asr.bank.push``).
 4. ``PeftModel._enable_peft_forward_hooks`` calls ``base_model._enable_peft_forward_hooks(*args, **kwargs)`` as a
    context around every forward and ``generate``; our routing hooks live in that context.
 5. ``PeftModel.special_peft_forward_args`` (an instance attribute set in ``__init__``) names the keyword arguments
@@ -22,7 +26,8 @@ What we rely on (pinned by ``tests/test_registry_contract.py``; ``peft`` is pinn
    context knows a ``generate`` from a ``forward`` (a generate routes on its prompt whatever ``model.training``
    says; a training-mode forward uses the task being trained).
 
-Registration is idempotent: importing ``peft_asr`` twice, or reloading it, registers once.
+Registration is idempotent: importing ``peft_asr`` twice, or reloading it, registers once. ``ASR_PEFT_TYPE`` is
+added before the tuner is imported, because ``ASRConfig()`` reads ``PeftType.ASR``.
 """
 
 from __future__ import annotations

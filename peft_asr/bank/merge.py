@@ -1,6 +1,6 @@
 """Merge banks trained apart into one bank whose router equals joint training on all their tasks.
 
-The router keeps sufficient statistics (``G = sum phi^T phi``, ``C = sum phi^T y``; see :mod:`peft_asr.rls`). Banks
+The router keeps sufficient statistics (``G = sum phi^T phi``, ``C = sum phi^T y``; see :mod:`peft_asr.tuner.rls`). Banks
 trained separately on the same frozen base model and router settings saw disjoint samples, so the statistics of
 their union are the sums: ``G = G_a + G_b``, the base-route column of ``C`` adds up, and the task columns are placed
 side by side. Solving from the merged statistics gives exactly the router of one run over all the tasks. Every task's

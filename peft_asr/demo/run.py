@@ -1,7 +1,7 @@
 """``peft-asr demo``: continual learning on a real small LLM, offline, next to the usual forgetting baseline.
 
 Steps: load the embedded SmolLM2-135M-Instruct (or ``--model``); score the base model on the built-in stream
-(``peft_asr.demo_stream``); train the stream with Analytic Subspace Routing (``Trainer`` + ``ASRCallback``) and with a
+(``peft_asr.demo.stream``); train the stream with Analytic Subspace Routing (``Trainer`` + ``ASRCallback``) and with a
 plain sequential LoRA (same rank, targets and steps); check that everyday prompts are routed to the untouched base
 model; print the tables and write ``results.json``, two PNG plots and the saved bank into the output folder.
 """

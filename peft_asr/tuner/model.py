@@ -176,7 +176,7 @@ class ASRModel(RouterFeaturesMixin, BaseTuner):
 
     @property
     def router(self) -> AnalyticRouter:
-        """The :class:`~peft_asr.router.AnalyticRouter` of the bank."""
+        """The :class:`~peft_asr.tuner.router.AnalyticRouter` of the bank."""
         return self.asr_router[self._adapter]
 
     @property

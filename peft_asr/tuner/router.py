@@ -1,6 +1,6 @@
 """The analytic router of Analytic Subspace Routing: a ridge classifier fitted by recursive least squares.
 
-Input: one pooled hidden state per sequence (see :mod:`peft_asr.features`). Feature map:
+Input: one pooled hidden state per sequence (see :mod:`peft_asr.tuner.features`). Feature map:
 ``phi = act(h @ P)`` with a fixed, seeded random projection ``P`` (d x E), or ``phi = h`` when no expansion is
 configured. Output: one score per class; class 0 is the *base* route (the plain base model, fed with general data),
 classes 1..T are the tasks in the order they were added.
@@ -10,7 +10,7 @@ devices but never changes its dtype):
 
 * ``weight`` (E x K) and ``class_counts`` (K,): the solved router; saved with the bank.
 * ``class_gram`` (K x E x E, or 1 x E x E when ``per_class_statistics`` is off), ``cross`` (E x K): the sufficient
-  statistics of :mod:`peft_asr.rls`, with the Gram matrix kept per class so that a class can be removed exactly
+  statistics of :mod:`peft_asr.tuner.rls`, with the Gram matrix kept per class so that a class can be removed exactly
   (``G`` is their sum); saved to a separate optional file because they can be large (E=8192 is 512 MiB per class),
   needed only to keep learning or to remove a task.
 * ``projection`` (d x E): regenerated from ``seed``; never saved.
@@ -64,7 +64,7 @@ class AnalyticRouter(nn.Module):
         num_classes: ``K`` = number of tasks + 1 (the base route is class 0).
         feature_dim: ``E``, width of the random expansion; ``None`` keeps the pooled feature as is (``E = d``).
         activation: ``"relu"`` or ``"none"``, applied after the expansion.
-        ridge: ``lambda`` of eq. (1) in :mod:`peft_asr.rls`.
+        ridge: ``lambda`` of eq. (1) in :mod:`peft_asr.tuner.rls`.
         seed: seed of the projection ``P``.
         confidence_threshold: rows whose best task score is below this go to the base route; ``None`` disables it.
         per_class_statistics: keep one Gram matrix per class (exact ``remove_class``) instead of their sum.

@@ -50,7 +50,7 @@ class RouterFeaturesMixin:
         """Router input from the hidden state entering the router block: (B, L, d) -> (B, d) float64.
 
         ``strict=False`` (the routed forward path): no host sync; a row with no prompt token pools to NaN and is
-        routed to the base model. The prompt rule is :func:`peft_asr.features.prompt_mask`'s.
+        routed to the base model. The prompt rule is :func:`peft_asr.tuner.features.prompt_mask`'s.
         """
         mask = prompt_mask(
             inputs.get("attention_mask"),

@@ -2,7 +2,7 @@
 
 They run before any model layer, so a bad batch fails here, with a message that says what to change, instead of deep
 inside torch. Nothing here runs in the routed forward pass (``forward``/``generate``), which must stay free of host
-syncs; those calls rely on the checks of :mod:`peft_asr.features`.
+syncs; those calls rely on the checks of :mod:`peft_asr.tuner.features`.
 """
 
 from __future__ import annotations
