@@ -1,5 +1,6 @@
 """The documentation runs: every ```python block of docs/**/*.md and README.md, every doctest in the package, the
-commands of every ```bash block parse, and the site builds in strict mode.
+commands of every ```bash block parse, and the site builds in strict mode and shows right offline (formulas as
+MathML, figures as committed images, no script from the network).
 
 Python blocks of one page run in order in one namespace, in a temporary working directory, with ``base`` bound to a
 random 6-block Llama and ``tokenizer`` to a byte-level tokenizer (``examples/tiny_model.py``): the pages load real
@@ -171,17 +172,64 @@ def test_package_doctests():
 
 # --- the site ---------------------------------------------------------------------------------------------------
 
-def test_site_builds_in_strict_mode(tmp_path):
+@dataclass
+class Site:
+    proc: subprocess.CompletedProcess
+    path: Path
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Site:
+    """One strict build of the site, shared by the tests below."""
     if shutil.which("mkdocs") is None:
         pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
+    out = tmp_path_factory.mktemp("site")
     start = time.perf_counter()
-    proc = subprocess.run(["mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
+    proc = subprocess.run(["mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    print(f"\nmkdocs build --strict: {time.perf_counter() - start:.1f} s")
-    api = (tmp_path / "site" / "reference" / "model" / "index.html").read_text()
+    return Site(proc, out, time.perf_counter() - start)
+
+
+def test_site_builds_in_strict_mode(site):
+    assert site.proc.returncode == 0, site.proc.stderr[-4000:]
+    print(f"\nmkdocs build --strict: {site.seconds:.1f} s")
+    api = (site.path / "reference" / "model" / "index.html").read_text()
     assert "add_task" in api and "router_layer" in api  # the reference is rendered from the docstrings
-    bench = (tmp_path / "site" / "benchmarks" / "index.html").read_text()
+    bench = (site.path / "benchmarks" / "index.html").read_text()
     first_heading = (ROOT / "benchmarks" / "RESULTS.md").read_text().splitlines()[0].lstrip("# ").strip()
     assert first_heading in bench  # benchmarks/RESULTS.md is included, not copied
+
+
+# what a page must not contain to show right without network access: formulas are MathML, figures are images
+CODE_OR_SCRIPT = re.compile(r"<(pre|code|script|style)\b[^>]*>.*?</\1>", re.S | re.I)
+RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$")
+RAW_MERMAID = re.compile(r"\b(?:flowchart|graph)\s+(?:TD|TB|BT|LR|RL)\b|class=[\"'][^\"']*\bmermaid\b")
+REMOTE_SCRIPT = re.compile(r"<script\b[^>]*\bsrc\s*=\s*[\"']?(?:https?:)?//[^\s\"'>]*", re.I)
+
+
+def test_site_renders_offline(site):
+    if site.proc.returncode != 0:
+        pytest.fail("the site does not build (see test_site_builds_in_strict_mode)")
+    pages = sorted(site.path.rglob("*.html"))
+    assert len(pages) >= 20, f"only {len(pages)} pages built"
+    problems = []
+    for page in pages:
+        html = page.read_text()
+        where = page.relative_to(site.path)
+        text = CODE_OR_SCRIPT.sub("", html)  # code blocks may show TeX; script bodies are not shown
+        for line in text.splitlines():
+            if RAW_TEX.search(line):
+                problems.append(f"{where}: raw TeX (the formula was not rendered): {line.strip()[:160]}")
+        problems += [f"{where}: Mermaid source (commit the figure as an SVG in docs/img/): {m.group(0)}"
+                     for m in RAW_MERMAID.finditer(html)]
+        problems += [f"{where}: a script loaded from the network: {m.group(0)}" for m in REMOTE_SCRIPT.finditer(html)]
+    if problems:
+        pytest.fail("\n".join(problems[:30]) + (f"\n... {len(problems)} in all" if len(problems) > 30 else ""))
+    metrics = (site.path / "metrics" / "index.html").read_text()
+    assert metrics.count("<math ") >= 30, "the formulas of docs/metrics.md are not MathML"
+    concepts = (site.path / "concepts" / "index.html").read_text()
+    assert 'src="../img/routing_flow.svg"' in concepts
+    svg = (ROOT / "docs" / "img" / "routing_flow.svg").read_text()
+    assert not re.search(r"<(script|image|foreignObject)\b|href=|@import|url\(", svg), "the SVG must be self-contained"

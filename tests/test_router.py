@@ -71,7 +71,7 @@ def test_statistics_round_trip_and_validation():
     bad = dict(state, class_gram=state["class_gram"].float())
     with pytest.raises(ValueError, match="does not belong to this bank"):
         AnalyticRouter(16, 4).load_statistics(bad)
-    with pytest.raises(ValueError, match="lack `cross`"):
+    with pytest.raises(ValueError, match="`cross` is missing"):
         AnalyticRouter(16, 4).load_statistics({"class_gram": state["class_gram"]})
 
 

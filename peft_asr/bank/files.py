@@ -18,6 +18,7 @@ from typing import Any
 
 from ..tuner.config import ASR_TYPE, read_config_json
 from ..tuner.errors import BankError
+from ..tuner.model import ASRModel
 from ..tuner.paths import HUB_DOWNLOAD_KWARGS, adapter_folder, hub_download_kwargs  # noqa: F401  (re-exported)
 
 __all__ = ["STATISTICS_FILE", "WEIGHTS_FILE", "PICKLE_WEIGHTS_FILE", "CONFIG_FILE", "CARD_FILE", "ROUTER_PREFIX",
@@ -36,8 +37,6 @@ ROUTER_COUNTS_KEY = ROUTER_PREFIX + "class_counts"
 
 def is_asr_model(peft_model: Any) -> bool:
     """Whether a ``PeftModel`` holds an ASR bank."""
-    from ..tuner.model import ASRModel
-
     return isinstance(getattr(peft_model, "base_model", None), ASRModel)
 
 
