@@ -365,6 +365,23 @@ def test_collator_right_pads_and_prompt_mask_matches(stories_tok):
     assert mask.sum(1).tolist() == [e["labels"].count(IGNORE_INDEX) for e in ex]
 
 
+def test_collator_equals_seq2seq_collator_with_right_padding(stories_tok):
+    from transformers import DataCollatorForSeq2Seq
+
+    tok = stories_tok
+    ex = tokenize_examples(tok, QA + [{"prompt": "Hi", "answer": "a long answer about a cat and a dog"}])
+    old_side = tok.padding_side
+    tok.padding_side = "right"  # the library collator pads on the tokenizer's side; ours always pads right
+    try:
+        theirs = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")(ex)
+    finally:
+        tok.padding_side = old_side
+    ours = PromptAnswerCollator(tok.pad_token_id)(ex)
+    assert set(ours) == set(theirs)
+    for key, value in ours.items():
+        assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), key
+
+
 def test_collator_errors():
     with pytest.raises(ValueError, match="`pad_token_id` must be an int >= 0, got None"):
         PromptAnswerCollator(None)

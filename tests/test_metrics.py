@@ -9,6 +9,7 @@ implementations were also compared, outside this suite, with HF's ``sari.py`` + 
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -283,3 +284,85 @@ def test_registry():
     assert M.get_scorer("first_letter") is M.first_letter_accuracy
     with pytest.raises(ValueError, match=r"Unknown scorer 'bleu'; choose one of \['edit_similarity', 'exact_match'"):
         M.get_scorer("bleu")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The scorers as `evaluate` modules (peft_asr.cl.evaluate_metrics), loaded from their folders with the network off
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def offline_evaluate(tmp_path_factory):
+    """``evaluate`` with its module cache in a temp folder and every socket connection refused."""
+    import evaluate  # in the [test] extra
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access is disabled in this test")
+
+    root = tmp_path_factory.mktemp("evaluate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate.config, "HF_MODULES_CACHE", root / "modules")
+        mp.setattr(socket.socket, "connect", no_network)
+        mp.setattr(sys, "path", list(sys.path))  # evaluate.load appends the module cache
+        yield evaluate, root
+
+
+PAIRS = (  # predictions, references, sources: TRACE-like, with an empty prediction and a Py150 literal
+    ["B", "zwei Hunde laufen", "", "def f(x): return <NUM_LIT>", "A\nbecause"],
+    ["A", "zwei Katzen laufen", "a", "def f(y): return 0", "A\nsince"],
+    ["s1", "drei Hunde laufen schnell", "a b", "def f(x):", "which?"],
+)
+
+
+@pytest.mark.parametrize("name", ["exact_match", "first_letter", "rouge_l", "sari", "edit_similarity"])
+def test_evaluate_modules_load_offline_and_match_the_scorers(offline_evaluate, name):
+    from peft_asr.cl.evaluate_metrics import metric_path
+
+    evaluate, root = offline_evaluate
+    metric = evaluate.load(metric_path(name), keep_in_memory=True, cache_dir=str(root / "metrics"))
+    preds, refs, srcs = PAIRS
+    kwargs = {"sources": srcs} if name == "sari" else {}
+    assert metric.compute(predictions=preds, references=refs, **kwargs) == {name: M.SCORERS[name](preds, refs, srcs)}
+    if name == "sari":  # several references per row
+        multi = [[r, r.upper()] for r in refs]
+        assert metric.compute(predictions=preds, references=multi, sources=srcs)["sari"] == M.sari(preds, multi, srcs)
+
+
+def test_evaluate_metric_path_and_trainer_compute_metrics(offline_evaluate):
+    from transformers import EvalPrediction
+
+    from peft_asr.cl.evaluate_metrics import load, metric_path, trainer_compute_metrics
+
+    with pytest.raises(ValueError, match=r"no evaluate module for 'bleu'; choose one of \['exact_match'"):
+        metric_path("bleu")
+
+    class Chars:  # a character tokenizer: id = ord(c); 0 pads; ids 1-2 are special
+        pad_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(i) for i in ids if not (skip_special_tokens and i < 3))
+
+    _, root = offline_evaluate
+    enc = [ord(c) for c in "Q?"]
+    rows = [(enc, [ord(c) for c in "yes"]), (enc + enc, [ord(c) for c in "no"])]  # (prompt, answer)
+    width = max(len(p) + len(a) for p, a in rows)
+    inputs = np.zeros((2, width), dtype=np.int64)
+    labels = np.full((2, width), -100, dtype=np.int64)
+    for i, (p, a) in enumerate(rows):
+        inputs[i, : len(p) + len(a)] = p + a
+        labels[i, len(p): len(p) + len(a)] = a
+    right = np.zeros_like(inputs)
+    right[:, :-1] = np.where(labels[:, 1:] == -100, 5, labels[:, 1:])  # position t predicts label t + 1
+    metric = load("exact_match", cache_dir=str(root / "metrics"))
+    score = trainer_compute_metrics("exact_match", Chars(), metric=metric)
+    assert score(EvalPrediction(right, labels)) == {"exact_match": 1.0}
+    logits = np.eye(128, dtype=np.float32)[right]  # (B, L, V): the argmax is `right`
+    logits[1, :, :] = np.eye(128, dtype=np.float32)[ord("x")]  # the second answer is wrong
+    assert score(EvalPrediction(logits, labels)) == {"exact_match": 0.5}
+    # generated ids (Seq2SeqTrainer): decoded whole, -100 as padding
+    generated = trainer_compute_metrics("exact_match", Chars(), causal_lm=False, metric=metric)
+    gen = np.array([[ord("n"), ord("o"), -100]])
+    assert generated(EvalPrediction(gen, np.array([[ord("n"), ord("o"), -100]]))) == {"exact_match": 1.0}
+    with pytest.raises(ValueError, match="include_for_metrics"):
+        trainer_compute_metrics("sari", Chars(), metric=metric)(EvalPrediction(right, labels))

@@ -15,6 +15,12 @@ where ``M`` is the number of characters in the matching blocks that ``difflib.Se
 ``metrics.py`` does for every metric it computes itself, a pair whose prediction or reference is empty (after the
 scorer's own preprocessing) scores 0 and still counts in the mean. SARI follows HF ``evaluate``'s ``sari`` (which TRACE
 calls) and has no such rule. TRACE reports 0-100 for ROUGE-L, SARI and edit similarity; these functions return 0-1.
+
+Each scorer is also an HF ``evaluate`` metric that calls it, loadable offline: ``peft_asr.cl.evaluate_metrics``
+(``evaluate.load(metric_path(name))``, ``trainer_compute_metrics``). ``evaluate``'s own ``exact_match``/``rouge``/
+``sari`` are not used: they are fetched from the Hub at load time (offline: ``FileNotFoundError``), ``exact_match``
+neither strips nor scores an empty pair 0, and ``sari`` is 0-100 and needs ``sacrebleu``. The runner calls these
+functions directly: ``evaluate``'s ``compute`` adds 25-110 ms per call on 1000 pairs (``exact_match`` itself: 0.5 ms).
 """
 from __future__ import annotations
 

@@ -8,6 +8,11 @@ Tokenisation follows one rule that the router depends on (``tuner.features.promp
 so ``labels == -100`` marks exactly the prompt, the tokens the router pools over. The prompt is encoded the same way
 for training (``tokenize_examples``) and for generation/routing (``prompt_batches``), so the router sees identical
 features in both.
+
+``PromptAnswerCollator`` pads with ``torch.nn.utils.rnn.pad_sequence`` instead of wrapping
+``transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``: that collator needs a tokenizer (this one
+takes a pad id) and pads on ``tokenizer.padding_side``, which is ``"left"`` for the stories260K Llama tokenizer (0 of
+32 batches identical; 32 of 32 with ``padding_side="right"``). ``DataCollatorWithPadding`` does not pad ``labels``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ..tuner.features import IGNORE_INDEX  # label of positions without loss; it also marks the prompt for the router
 from .tasks import Row, check_rows
@@ -169,15 +175,12 @@ class PromptAnswerCollator:
                     "length."
                 )
             seqs.append((ids, labels))
-        width = max(len(ids) for ids, _ in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)  # (B, L)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, L)
-        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)  # (B, L)
-        for i, (ids, lab) in enumerate(seqs):
-            n = len(ids)
-            input_ids[i, :n] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, :n] = 1
-            labels[i, :n] = torch.tensor(lab, dtype=torch.long)
+        ids = [torch.tensor(i, dtype=torch.long) for i, _ in seqs]
+        input_ids = pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id)  # (B, L), right padding
+        attention_mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0)  # (B, L)
+        labels = pad_sequence(
+            [torch.tensor(lab, dtype=torch.long) for _, lab in seqs], batch_first=True, padding_value=IGNORE_INDEX
+        )  # (B, L)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def __repr__(self) -> str:
