@@ -18,7 +18,8 @@ from ..tuner.errors import BankError
 from .atomic import atomic_save, recover_bank
 from .card import write_model_card
 from .check import check_bank
-from .files import CONFIG_FILE, STATISTICS_FILE, WEIGHTS_FILE, adapter_folder, hub_download_kwargs, is_asr_config
+from .files import (CONFIG_FILE, HUB_DOWNLOAD_KWARGS, STATISTICS_FILE, WEIGHTS_FILE, adapter_folder,
+                    hub_download_kwargs, is_asr_config)
 
 __all__ = ["save_bank", "load_bank", "preflight"]
 
@@ -54,19 +55,27 @@ def save_bank(peft_model, original_save, save_directory, *args, **kwargs):
 
 def _hub_bank(model_id: str, subfolder: Optional[str], kwargs: dict) -> str:
     """Download a bank's three files from one Hub revision (``snapshot_download`` pins it) into the cache; returns
-    the cache folder holding them. Nothing else of the repository is fetched: no pickle file is ever downloaded."""
+    the cache folder holding them. Nothing else of the repository is fetched: no pickle file is ever downloaded.
+
+    Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only``) the same call returns the cached snapshot of the revision.
+    """
+    import re
+
     from huggingface_hub import snapshot_download
 
-    prefix = subfolder.strip("/") + "/" if subfolder else ""
+    folder = (subfolder or "").replace(os.sep, "/").strip("/")
+    # `allow_patterns` are fnmatch patterns: `*`, `?` and `[` of a folder name are escaped to match themselves
+    prefix = re.sub(r"([*?[])", r"[\1]", folder) + "/" if folder else ""
     try:
         snapshot = snapshot_download(model_id, allow_patterns=[prefix + f for f in (CONFIG_FILE, WEIGHTS_FILE,
                                                                                      STATISTICS_FILE)],
                                      **hub_download_kwargs(kwargs))
     except Exception as err:  # the Hub client raises many types (bad id, offline, no access): one clear error
         raise BankError(f"cannot load {model_id!r}: no such folder, and the Hub download failed ({err}).") from err
-    local = adapter_folder(snapshot, subfolder=subfolder)
+    local = adapter_folder(snapshot, subfolder=folder or None)
     if not os.path.isfile(os.path.join(local, CONFIG_FILE)):
-        raise BankError(f"{model_id!r} is neither a local folder nor a Hub repo with {CONFIG_FILE}.")
+        raise BankError(f"{model_id!r} is neither a local folder nor a Hub repo with {CONFIG_FILE}"
+                        + (f" in {folder!r}." if folder else "."))
     if not os.path.isfile(os.path.join(local, WEIGHTS_FILE)):
         raise BankError(
             f"{model_id} has no {WEIGHTS_FILE}; ASR banks load from safetensors only (a pickle file is never read)."
@@ -102,12 +111,19 @@ def preflight(model_id, subfolder: Optional[str] = None) -> None:
 
 
 def load_bank(peft_model, original_load, model_id, adapter_name, *args, **kwargs):
-    """``PeftModel.load_adapter`` for ASR banks: check every file first, load with PEFT, then restore the statistics."""
+    """``PeftModel.load_adapter`` for ASR banks: check every file first, load with PEFT, then restore the statistics.
+
+    PEFT loads from the folder that was checked (for a Hub id, the snapshot of the pinned revision), so the weights it
+    reads are those files: a branch that moves between the check and the load, or a pickle file next to the bank,
+    is never read.
+    """
     if not isinstance(model_id, (str, os.PathLike)):
         raise BankError(f"`model_id` must be a folder or a Hub repo id (str), got {type(model_id).__name__}.")
     model_id = os.fspath(model_id)
-    _, stats = check_bank(_local_bank(model_id, kwargs.get("subfolder"), kwargs))
-    result = original_load(peft_model, model_id, adapter_name, *args, **kwargs)
+    local = _local_bank(model_id, kwargs.get("subfolder"), kwargs)
+    _, stats = check_bank(local)
+    local_kwargs = {k: v for k, v in kwargs.items() if k != "subfolder" and k not in HUB_DOWNLOAD_KWARGS}
+    result = original_load(peft_model, local, adapter_name, *args, **local_kwargs)
     router = peft_model.base_model.router
     if stats is None:
         router.mark_loaded_without_statistics()

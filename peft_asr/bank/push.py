@@ -10,7 +10,9 @@ card included, and nothing else:
 2. ``save_pretrained`` into a temporary folder (PEFT's files, the router statistics when kept, the card);
 3. one ``HfApi.upload_folder`` commit that adds every file and, through ``delete_patterns``, deletes a
    ``router_statistics.safetensors`` left on the Hub by an earlier push when this save has none (a stale statistics
-   file would not match the new router weight, and loading the bank would refuse it).
+   file would not match the new router weight, and loading the bank would refuse it). Files the Hub already holds
+   unchanged are left out of the commit; a push that changes nothing makes no commit. (``upload_folder`` splits
+   only folders of hundreds of files into several commits; a bank is a handful.)
 
 ``import peft_asr`` makes ``PeftModel.push_to_hub`` take this path for ASR banks (the wrapper lives in
 ``peft_asr._registry``, the one module that touches PEFT internals); other PEFT methods are untouched.
@@ -25,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Optional, Union
 
@@ -67,9 +70,11 @@ def push_bank_to_hub(
         token (`str` or `bool`, *optional*):
             Hub token; default: the saved login (``hf auth login``) or ``HF_TOKEN``.
         revision (`str`, *optional*):
-            Branch to commit to (created if missing); default the repository's main branch.
+            Branch to commit to (created if missing), or ``"refs/pr/N"`` to add to an open pull request; default the
+            repository's main branch.
         create_pr (`bool`, *optional*, defaults to `False`):
-            Open a pull request instead of committing to the branch.
+            Open a pull request against the main branch instead of committing to it (the Hub client opens pull
+            requests against the main branch only: ``revision`` naming another branch is refused).
         tags (`list[str]`, *optional*):
             Extra tags for the card; the card always carries ``peft``, ``peft-asr``, ``lora``,
             ``continual-learning`` and ``analytic-subspace-routing``.
@@ -81,7 +86,13 @@ def push_bank_to_hub(
             Passed to ``save_pretrained`` (for example ``selected_adapters``).
 
     Returns:
-        `huggingface_hub.CommitInfo` of the commit (its ``oid`` is the new revision).
+        `huggingface_hub.CommitInfo` of the commit (its ``oid`` is the new revision; the current one when nothing
+        changed).
+
+    Raises:
+        TypeError: ``peft_model`` is not an ASR bank.
+        ValueError: a bad ``repo_id``, or ``create_pr`` with a ``revision`` other than the main branch (refused before
+            any request to the Hub).
     """
     from huggingface_hub import HfApi, ModelCard
 
@@ -94,6 +105,10 @@ def push_bank_to_hub(
         )
     if not isinstance(repo_id, str) or not repo_id.strip("/"):
         raise ValueError(f"`repo_id` must be 'org/name' or 'name', got {repo_id!r}.")
+    if create_pr and revision not in (None, "main"):
+        # `upload_folder` would refuse it too, but only after the repository and the branch were created
+        raise ValueError(f"`create_pr=True` opens a pull request against the main branch; it cannot target "
+                         f"revision={revision!r}. Push to the branch (without `create_pr`), or drop `revision`.")
     api = HfApi(endpoint=endpoint, token=token, library_name="peft-asr", library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):
@@ -107,9 +122,10 @@ def push_bank_to_hub(
             card.data.tags = sorted(set(card.data.tags or []) | set(tags))
             card.save(card_path)
         # a statistics file from an earlier push would not match this router weight: it goes in the same commit
-        # (`upload_folder` keeps a file that this upload adds, so a fresh statistics file replaces the old one)
-        statistics = os.path.relpath(adapter_folder(tmp, peft_model.base_model._adapter), tmp)
-        statistics = STATISTICS_FILE if statistics == "." else f"{statistics}/{STATISTICS_FILE}"
+        # (`upload_folder` keeps a file that this upload adds, so a fresh statistics file replaces the old one).
+        # The pattern is matched with fnmatch: `*`, `?` and `[` of an adapter name are escaped to match themselves.
+        statistics = os.path.relpath(adapter_folder(tmp, peft_model.base_model._adapter), tmp).replace(os.sep, "/")
+        statistics = STATISTICS_FILE if statistics == "." else f"{_escape_pattern(statistics)}/{STATISTICS_FILE}"
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=tmp,
@@ -119,3 +135,8 @@ def push_bank_to_hub(
             create_pr=create_pr,
             delete_patterns=[statistics],
         )
+
+
+def _escape_pattern(path: str) -> str:
+    """``path`` as an fnmatch pattern that matches it alone (``[*]``, ``[?]``, ``[[]``, as ``glob.escape`` writes)."""
+    return re.sub(r"([*?[])", r"[\1]", path)
