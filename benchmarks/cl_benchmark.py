@@ -145,7 +145,7 @@ def load_stream(name: str, args):
 
 
 def load_model(args):
-    from peft_asr.demo.default_model import load_model_and_tokenizer
+    from peft_asr.cl.default_model import load_model_and_tokenizer
 
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)

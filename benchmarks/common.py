@@ -82,7 +82,7 @@ def round_robin(fns: dict[str, Callable[[], object]], reps: int, device: str = "
 
 def load_causal_lm(name: Optional[str], device: str, dtype: str):
     """``None``/"smollm2": the embedded SmolLM2-135M-Instruct; "stories": the tiny shared Llama; else an HF id/folder."""
-    from peft_asr.demo.default_model import load_model_and_tokenizer
+    from peft_asr.cl.default_model import load_model_and_tokenizer
 
     path = None if name in (None, "smollm2") else (str(STORIES) if name == "stories" else name)
     model, tok = load_model_and_tokenizer(path, dtype=getattr(torch, dtype))

@@ -48,7 +48,7 @@ def random_llama(vocab_size: int, seed: int = 0, layers: int = 4, hidden: int = 
 
 def load(model_path: Optional[str] = None):
     """``(model, tokenizer)`` for ``model_path`` (see the module docstring); the tokenizer always has a pad token."""
-    from peft_asr.demo.default_model import load_model_and_tokenizer
+    from peft_asr.cl.default_model import load_model_and_tokenizer
 
     if model_path == "smollm2":
         return load_model_and_tokenizer(None)

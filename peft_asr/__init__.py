@@ -14,13 +14,13 @@ from ._registry import ASR_PEFT_TYPE, register
 register()
 
 from . import _moved  # noqa: E402
+from ._version import __version__  # noqa: E402
 from .bank import merge_banks, recover_bank  # noqa: E402
 from .tuner import (ASRCallback, ASRConfig, ASRConfigError, ASRConfigTypeError, ASRError, ASRModel,  # noqa: E402
                     AnalyticRouter, BankError, BASE_ROUTE, RouterNumericalError)
 
 _moved.install()
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ASRConfig",

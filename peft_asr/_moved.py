@@ -22,7 +22,7 @@ MOVED = {
     "peft_asr.continual": "peft_asr.cl.runner",
     "peft_asr.plots": "peft_asr.cl.plots",
     "peft_asr.demo_stream": "peft_asr.demo.stream",
-    "peft_asr.default_model": "peft_asr.demo.default_model",
+    "peft_asr.default_model": "peft_asr.cl.default_model",
 }
 
 

@@ -110,7 +110,7 @@ def _load_bank(bank: str, model: Optional[str]):
     import peft_asr  # noqa: F401  (registers the ASR type)
     from peft import PeftModel
 
-    from .demo.default_model import load_model_and_tokenizer
+    from .cl.default_model import load_model_and_tokenizer
 
     config = _read_config(Path(bank))
     base_path = model or config.base_model_name_or_path

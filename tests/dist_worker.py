@@ -1,6 +1,7 @@
 """Worker for tests/test_distributed.py: two tasks with Trainer + ASRCallback, run by `python` or `torchrun`.
 
-Writes the router state of rank 0 to OUT/router.safetensors (and the routes of held-out prompts) when done.
+Writes each rank's router state to OUT/router-rank{r}.safetensors (and rank 0 the routes of held-out prompts) when
+done.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ def rows(lo, hi, n, seed):
 def main(out: Path) -> None:
     model = get_peft_model(tiny_llama(), ASRConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
                                                    router_layer=2))
-    data = {"alpha": rows(10, 30, 22, seed=1), "beta": rows(60, 80, 19, seed=2)}  # odd sizes: uneven shards
+    # uneven shards (39 + 39 rows a rank, the last batch short; 37 + 36), and enough rows for the 32-wide features
+    # that the router tells held-out prompts apart (with 22 + 19 rows it nearly interpolates them and sends one
+    # held-out beta prompt to alpha)
+    data = {"alpha": rows(10, 30, 78, seed=1), "beta": rows(60, 80, 73, seed=2)}
     for task, dataset in data.items():
         model.add_task(task)
         args = TrainingArguments(output_dir=str(out / task), per_device_train_batch_size=4, max_steps=3,

@@ -48,7 +48,7 @@ def bank(stories_path, tmp_path_factory):
 
     from peft_asr import ASRConfig
     from peft_asr.cl import prompt_batches
-    from peft_asr.demo.default_model import load_model_and_tokenizer
+    from peft_asr.cl.default_model import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(stories_path))
     model = get_peft_model(model, ASRConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],

@@ -15,7 +15,7 @@ from peft_asr.demo import demo_stream, general_prompts
 
 @pytest.fixture(scope="module")
 def stories(stories_path):
-    from peft_asr.demo.default_model import load_model_and_tokenizer
+    from peft_asr.cl.default_model import load_model_and_tokenizer
 
     return lambda: load_model_and_tokenizer(str(stories_path))
 

@@ -79,6 +79,10 @@ def test_route_and_scores():
     scores = model.route_scores(**left_pad(MIXED))
     assert scores.shape == (len(MIXED), 2) and scores.dtype == torch.float64
     assert [model.tasks[i] for i in scores.argmax(1).tolist()] == MIXED_TASKS
+    for i, row in enumerate(MIXED):  # each row scored as the row alone: the batch and its padding change nothing
+        alone = model.route_scores(**left_pad([row]))
+        assert torch.allclose(scores[i], alone[0], atol=1e-6), i
+        assert model.route(**left_pad([row])) == [MIXED_TASKS[i]]
 
 
 def test_routing_is_invariant_to_padding_side_and_length():
@@ -126,6 +130,11 @@ def test_shallow_blocks_run_once_per_forward_and_once_per_generated_token():
     finally:
         for h in handles:
             h.remove()
+    new = out[:, left_pad(MIXED)["input_ids"].shape[1]:]
+    for i, (row, task) in enumerate(zip(MIXED, MIXED_TASKS)):  # the one decision was the right one for every row
+        with model.use_task(task):
+            ref = model.generate(**left_pad([row]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert new[i].tolist() == ref[0, len(row):].tolist(), (i, task)
 
 
 @pytest.mark.parametrize("gen_kwargs", [{"num_beams": 1}, {"num_beams": 3}])
@@ -141,11 +150,35 @@ def test_generate_mixed_batch_equals_per_row_pinned(gen_kwargs):
         assert new[i].tolist() == ref[0, single["input_ids"].shape[1]:].tolist(), (i, task)
 
 
+def _top_k_of_pinned(model, row, new_tokens, task, k):
+    """Whether every sampled token is among the ``k`` most likely of its step for ``row`` alone, ``task`` pinned
+    (the sampled prefix teacher-forced)."""
+    ids = torch.tensor([row + new_tokens])
+    with torch.no_grad(), model.use_task(task):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    steps = logits[len(row) - 1: len(row) - 1 + len(new_tokens)]  # (N, V): the logits each new token was drawn from
+    top = steps.topk(k, dim=-1).indices  # (N, k)
+    return all(token in top[j].tolist() for j, token in enumerate(new_tokens))
+
+
 def test_generate_with_sampling_and_without_cache_routes_once_per_row():
     model = two_task_model()
+    batch = left_pad(MIXED)
     torch.manual_seed(0)
-    out = model.generate(**left_pad(MIXED), max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0)
-    assert out.shape == (len(MIXED), left_pad(MIXED)["input_ids"].shape[1] + 4)
+    out = model.generate(**batch, max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0)
+    assert out.shape == (len(MIXED), batch["input_ids"].shape[1] + 4)
+    new = out[:, batch["input_ids"].shape[1]:]
+    # the same draws with every row's task named: the same tokens (routing consumed no random numbers)
+    torch.manual_seed(0)
+    named = model.generate(**batch, max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0,
+                           task_names=MIXED_TASKS)
+    assert torch.equal(out, named)
+    # each row alone with its task pinned: every sampled token is one its top-5 allows; under the other task no
+    # row's four tokens all are (the check has teeth)
+    for i, (row, task) in enumerate(zip(MIXED, MIXED_TASKS)):
+        other = "beta" if task == "alpha" else "alpha"
+        assert _top_k_of_pinned(model, row, new[i].tolist(), task, k=5), (i, task)
+        assert not _top_k_of_pinned(model, row, new[i].tolist(), other, k=5), (i, other)
     # sampling from the single most likely token is greedy: then every sampled row equals its row alone, pinned
     sampled = model.generate(**left_pad(MIXED), max_new_tokens=4, do_sample=True, top_k=1, pad_token_id=0)
     new = sampled[:, left_pad(MIXED)["input_ids"].shape[1]:]

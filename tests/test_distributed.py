@@ -35,16 +35,18 @@ def test_two_processes_build_the_router_of_one(tmp_path):
           f"--master_port={_free_port()}", str(HERE / "dist_worker.py")], double)
     one = load_file(single / "router-rank0.safetensors")
     ranks = [load_file(double / f"router-rank{r}.safetensors") for r in (0, 1)]
-    # every prompt counted exactly once (22 + 19 rows, odd sizes that a distributed sampler would pad)
-    assert one["class_counts"].tolist() == [0, 22, 19]
+    # every prompt counted exactly once (78 + 73 rows: 73 is a size that a distributed sampler would pad)
+    assert one["class_counts"].tolist() == [0, 78, 73]
     for state in ranks:
-        assert state["class_counts"].tolist() == [0, 22, 19]
+        assert state["class_counts"].tolist() == [0, 78, 73]
         for key in ("class_gram", "cross", "weight"):
             assert (state[key] - one[key]).abs().max() < 1e-10, key
     assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])  # every rank holds the same router
     assert json.loads((double / "routes.json").read_text()) == json.loads((single / "routes.json").read_text())
-    routes = json.loads((single / "routes.json").read_text())
-    assert sum(r == t for r, t in zip(routes, ["alpha"] * 3 + ["beta"] * 3)) >= 5  # a router that tells them apart
+    # a router that tells the tasks apart: the held-out prompts come from the tasks' disjoint token ranges, the
+    # features from the frozen blocks below router_layer (no training changes them), so every route is fixed by the
+    # seeds; the closest held-out prompt wins by 0.28 in score
+    assert json.loads((single / "routes.json").read_text()) == ["alpha"] * 3 + ["beta"] * 3
 
 
 def test_router_pass_over_fsdp2_sharded_blocks(tmp_path):
@@ -56,5 +58,7 @@ def test_router_pass_over_fsdp2_sharded_blocks(tmp_path):
     for report in reports:
         assert report["max_feature_diff"] == 0.0 and report["finite"]
         assert report["counts"] == [0.0, 48.0, 48.0]  # 24 prompts per task on each of the two ranks, summed
-    assert reports[0]["routes"] == reports[1]["routes"]
-    assert sum(r == t for r, t in zip(reports[0]["routes"], ["alpha"] * 3 + ["beta"] * 3)) >= 5
+    # 48 prompts a task over both ranks, disjoint token ranges: every held-out prompt routes to its own task (the
+    # closest wins by 0.74 in score)
+    for report in reports:
+        assert report["routes"] == ["alpha"] * 3 + ["beta"] * 3

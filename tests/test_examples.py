@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import STORIES
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -38,6 +39,20 @@ def _env() -> dict:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
+# Eval prompts routed to their own task, by the model `tiny_model.load()` picks (stories260K when ../shared has it,
+# else the random tiny Llama): (reverse + shout of 8, initials + echo of 8, all four of 16). The router reads the
+# blocks below router_layer, which training never changes, so the counts are fixed by the base model and the demo's
+# prompts, not by the few training steps. The misses are `reverse` and `shout` prompts: the two tasks share their
+# instruction and differ only in the words of the list (with stories260K, "bat, rat, yak" goes to `shout`).
+ROUTED = {"stories260K": (7, 8, 16), "random": (6, 8, 14)}
+
+
+def _routed(pattern: str, out: str) -> tuple[int, int]:
+    match = re.search(pattern, out)
+    assert match, out
+    return int(match.group(1)), int(match.group(2))
+
+
 def test_readme_lists_every_example_with_its_command():
     readme = (EXAMPLES / "README.md").read_text()
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
@@ -48,28 +63,41 @@ def test_readme_lists_every_example_with_its_command():
 
 
 def test_custom_loop_merge_and_route(tmp_path, monkeypatch, capsys):
+    routed_a, routed_b, routed_all = ROUTED["stories260K" if (STORIES / "model.safetensors").exists() else "random"]
     monkeypatch.chdir(tmp_path)
     out = _run_inline(["custom_loop.py", "--output-dir", "runs/a", "--tasks", "reverse", "shout", "--steps", "2"],
                       monkeypatch, capsys)
-    assert re.search(r"routing: \d+/8 eval prompts", out)
+    assert _routed(r"routing: (\d+)/(\d+) eval prompts", out) == (routed_a, 8), out
     assert (tmp_path / "runs/a/bank/adapter_model.safetensors").is_file()
 
     out = _run_inline(["custom_loop.py", "--output-dir", "runs/b", "--tasks", "initials", "echo", "--steps", "2"],
                       monkeypatch, capsys)
+    assert _routed(r"routing: (\d+)/(\d+) eval prompts", out) == (routed_b, 8), out
     assert "saved runs/b/bank (tasks ['initials', 'echo'])" in out
 
     out = _run_inline(["merge_banks.py", "runs/a/bank", "runs/b/bank", "--output", "runs/merged"], monkeypatch, capsys)
     assert "tasks ['reverse', 'shout', 'initials', 'echo']" in out
-    assert re.search(r"routing after the merge: \d+/16", out)
+    merged = _routed(r"routing after the merge: (\d+)/(\d+) eval prompts", out)
+    assert merged == (routed_all, 16), out
     config = json.loads((tmp_path / "runs/merged/adapter_config.json").read_text())
     assert config["tasks"] == ["reverse", "shout", "initials", "echo"]
 
-    out = _run_inline(["route_bank.py", "runs/merged", "Rewrite the list: owl, fox, bee", "Echo the objects: cup"],
-                      monkeypatch, capsys)
-    lines = [line for line in out.splitlines() if line.startswith("'")]
-    assert len(lines) == 2 and all(" -> " in line for line in lines), out
-    routed = [line.split(" -> ")[1].split(" (")[0] for line in lines]
-    assert set(routed) <= {"reverse", "shout", "initials", "echo", "__base__"}, routed
+    # merge_banks.py's promise: the merged router equals the router trained jointly on all the tasks
+    out = _run_inline(["custom_loop.py", "--output-dir", "runs/joint", "--tasks", "reverse", "shout", "initials",
+                       "echo", "--steps", "2"], monkeypatch, capsys)
+    assert _routed(r"routing: (\d+)/(\d+) eval prompts", out) == merged, out
+
+    decisions = {}
+    for bank in ("runs/merged", "runs/joint/bank"):
+        out = _run_inline(["route_bank.py", bank, "Rewrite the list: owl, fox, bee", "Echo the objects: cup"],
+                          monkeypatch, capsys)
+        lines = [line for line in out.splitlines() if line.startswith("'")]
+        assert len(lines) == 2 and all(" -> " in line for line in lines), out
+        # "'prompt' -> task (scores) -> answer": the task and its scores, not the answer (the LoRAs differ)
+        decisions[bank] = [line.split(" -> ")[1] for line in lines]
+        routed = [decision.split(" (")[0] for decision in decisions[bank]]
+        assert routed == ["reverse", "echo"], out  # animals to `reverse`, the echo instruction to `echo`
+    assert decisions["runs/merged"] == decisions["runs/joint/bank"]  # the same scores, to the two decimals printed
 
 
 def test_train_stream_one_process(tmp_path, monkeypatch, capsys):

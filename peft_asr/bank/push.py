@@ -31,6 +31,7 @@ import re
 import tempfile
 from typing import Optional, Union
 
+from .._version import __version__
 from .files import CARD_FILE, STATISTICS_FILE, adapter_folder, is_asr_model
 
 __all__ = ["push_bank_to_hub"]
@@ -95,8 +96,6 @@ def push_bank_to_hub(
             any request to the Hub).
     """
     from huggingface_hub import HfApi, ModelCard
-
-    from .. import __version__
 
     if not is_asr_model(peft_model):
         raise TypeError(

@@ -148,7 +148,7 @@ def _training_args(training_args, output_dir: str):
 
 
 def _load(model_or_name, tokenizer):
-    from ..demo.default_model import load_model_and_tokenizer
+    from .default_model import load_model_and_tokenizer
 
     if model_or_name is None or isinstance(model_or_name, (str, os.PathLike)):
         model, loaded_tokenizer = load_model_and_tokenizer(None if model_or_name is None else str(model_or_name))

@@ -1,5 +1,5 @@
-"""``peft-asr demo``: the built-in task stream (``stream``), the embedded default model (``default_model``) and the
-run that trains and reports (``run``). Built on :mod:`peft_asr.cl`."""
+"""``peft-asr demo``: the built-in task stream (``stream``) and the run that trains and reports (``run``), on the
+embedded default model (:mod:`peft_asr.cl.default_model`). Built on :mod:`peft_asr.cl`."""
 
 from .stream import demo_stream, general_prompts
 

@@ -97,7 +97,7 @@ def run_demo(output_dir: str = "asr-demo", *, quick: bool = False, model: Option
     template: it would triple the sequence length (SmolLM2's template adds a ~30-token system prompt) and the run
     would not fit its time budget.
     """
-    from .default_model import load_model_and_tokenizer
+    from ..cl.default_model import load_model_and_tokenizer
     from ..cl.plots import plot_accuracy_matrices, plot_routing_confusion
 
     started = time.perf_counter()
