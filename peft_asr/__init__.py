@@ -38,3 +38,12 @@ __all__ = [
     "recover_bank",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """``peft_asr.hub`` and the other 0.1.0 module paths as attributes of the package, as they were."""
+    if f"{__name__}.{name}" in _moved.MOVED:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

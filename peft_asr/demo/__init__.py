@@ -7,8 +7,10 @@ __all__ = ["run_demo", "format_tables", "demo_stream", "general_prompts"]
 
 
 def __getattr__(name: str):
-    if name in ("run_demo", "format_tables"):  # the run imports the whole toolkit: only when asked for
-        from . import run
+    if not name.startswith("__"):  # the run imports the whole toolkit: only when asked for (run_demo, SETTINGS)
+        import importlib
 
-        return getattr(run, name)
+        run = importlib.import_module(f"{__name__}.run")
+        if hasattr(run, name):
+            return getattr(run, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
