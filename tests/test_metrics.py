@@ -341,6 +341,8 @@ def test_evaluate_metric_path_and_trainer_compute_metrics(offline_evaluate):
         pad_token_id = 0
 
         def decode(self, ids, skip_special_tokens=False):
+            if any(int(i) < 0 for i in ids):  # as fast tokenizers do
+                raise OverflowError("number too small to fit in target type")
             return "".join(chr(i) for i in ids if not (skip_special_tokens and i < 3))
 
     _, root = offline_evaluate
@@ -366,3 +368,12 @@ def test_evaluate_metric_path_and_trainer_compute_metrics(offline_evaluate):
     assert generated(EvalPrediction(gen, np.array([[ord("n"), ord("o"), -100]]))) == {"exact_match": 1.0}
     with pytest.raises(ValueError, match="include_for_metrics"):
         trainer_compute_metrics("sari", Chars(), metric=metric)(EvalPrediction(right, labels))
+    # sari reads the prompts from the inputs; Trainer pads inputs, labels and predictions across eval batches with
+    # -100, which no tokenizer can decode: those positions are not part of any prompt
+    from peft_asr.cl.scorers import sari
+
+    pad = np.full((2, 3), -100, dtype=np.int64)
+    padded = [np.concatenate([a, pad], axis=1) for a in (inputs, labels, right)]
+    with_sources = trainer_compute_metrics("sari", Chars(), metric=load("sari", cache_dir=str(root / "metrics")))
+    got = with_sources(EvalPrediction(padded[2], padded[1], inputs=padded[0]))
+    assert got == {"sari": sari(["yes", "no"], ["yes", "no"], ["Q?", "Q?Q?"])}

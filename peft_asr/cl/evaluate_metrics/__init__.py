@@ -109,7 +109,9 @@ def trainer_compute_metrics(
             pred_texts = _decode(tokenizer, [p[:-1][k] for p, k in zip(preds, keep)])
             ref_texts = _decode(tokenizer, [lab[1:][k] for lab, k in zip(labels, keep)])
             if inputs is not None:
-                inputs = _decode(tokenizer, [i[lab == IGNORE_INDEX] for i, lab in zip(np.asarray(inputs), labels)])
+                # the prompt: real input tokens without a label (Trainer pads inputs across batches with -100)
+                inputs = _decode(tokenizer, [i[(lab == IGNORE_INDEX) & (i != IGNORE_INDEX)]
+                                             for i, lab in zip(np.asarray(inputs), labels)])
         else:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             pred_texts = _decode(tokenizer, np.where(preds == IGNORE_INDEX, pad, preds))
