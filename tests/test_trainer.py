@@ -231,3 +231,28 @@ def test_pin_during_training_for_trainers_that_generate(tmp_path):
         model.add_task("gamma")
         Trainer(model=model, args=_args(tmp_path / "c", max_steps=1), train_dataset=DATA["beta"],
                 data_collator=collate, callbacks=[ASRCallback(progress=False), Rollout()]).train()
+
+
+def test_the_callback_outside_a_trainer_and_with_processes_accelerate_does_not_know():
+    """The callback's methods with plain arguments (a loop of one's own): rank and world size come from
+    accelerate's state. Arguments naming processes that accelerate does not know are refused before the fit, which
+    would otherwise give every rank the router of its own shard."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    model = _model()
+    model.add_task("alpha")
+    loader = DataLoader(DATA["alpha"], batch_size=4, collate_fn=collate)
+    state = SimpleNamespace(is_local_process_zero=True)
+    callback = ASRCallback(progress=False)
+    alone = SimpleNamespace(per_device_train_batch_size=4)  # no process_index / world_size
+    callback.on_train_end(alone, state, None, model=model, train_dataloader=loader)
+    assert model.base_model.router.class_counts.tolist() == [0.0, 24.0]
+
+    other = _model()
+    other.add_task("alpha")
+    two = SimpleNamespace(per_device_train_batch_size=4, process_index=0, world_size=2)
+    with pytest.raises(RuntimeError, match="say 2 processes but accelerate knows 1"):
+        callback.on_train_end(two, state, None, model=other, train_dataloader=loader)
+    assert other.base_model.router.class_counts.tolist() == [0.0, 0.0]

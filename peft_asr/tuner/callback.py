@@ -24,6 +24,7 @@ import time
 from typing import Optional
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel, reduce
 from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback
@@ -42,6 +43,35 @@ def _router_loader(dataset, collate_fn, batch_size: int, rank: int, world: int) 
 def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes (float64 kept: gloo and NCCL both reduce float64)."""
     return reduce(tensor, reduction="sum")
+
+
+def _processes(args) -> tuple[int, int]:
+    """This process's rank and the number of processes. ``TrainingArguments`` says (it reads accelerate's state);
+    for other callers' arguments, accelerate's state itself."""
+    if hasattr(args, "process_index") and hasattr(args, "world_size"):
+        return args.process_index, args.world_size
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+def _reduce_sum(world: int):
+    """The sum over processes of the router fit, or None in a single process. Refuses when accelerate's state does
+    not know the processes the arguments name: its sum would then return this rank's statistics alone."""
+    if world == 1:
+        return None
+    known = PartialState().num_processes
+    if known != world:
+        raise RuntimeError(
+            f"ASRCallback: the training arguments say {world} processes but accelerate knows {known}, so the router "
+            "statistics could not be summed across them. Launch with `torchrun` / `accelerate launch` and a "
+            "`Trainer`, or fit the router yourself: `model.fit_router(batches, task=name, reduce_sum=...)`."
+        )
+    return _sum_over_processes
+
+
+def _unwrap(model):
+    """The PEFT model behind DDP / DeepSpeed / compile wrappers (the Trainer passes it unwrapped: no walk then)."""
+    return model if hasattr(model, "fit_router") else extract_model_from_parallel(model)
 
 
 class ASRCallback(TrainerCallback):
@@ -87,7 +117,7 @@ class ASRCallback(TrainerCallback):
         model.hold_task(self._task(model))
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        model = extract_model_from_parallel(model)
+        model = _unwrap(model)
         if not hasattr(model, "fit_router"):
             raise TypeError(
                 f"ASRCallback needs an ASR model (`get_peft_model(model, ASRConfig(...))`), got {type(model).__name__}."
@@ -99,7 +129,7 @@ class ASRCallback(TrainerCallback):
                 "it as `SFTTrainer(model=model, ...)` instead of `peft_config=ASRConfig(...)`, which leaves no task."
             )
         if train_dataloader is not None:
-            rank, world = args.process_index, args.world_size
+            rank, world = _processes(args)
             first = next(iter(self._router_batches(args, train_dataloader, rank, world)), None)
             if first is None:
                 raise ValueError("ASRCallback: the train dataset gives no batch, so the router would learn nothing.")
@@ -110,23 +140,23 @@ class ASRCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if control.should_evaluate:
-            self._pin_for_evaluation(extract_model_from_parallel(model))
+            self._pin_for_evaluation(_unwrap(model))
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if control.should_evaluate:
-            self._pin_for_evaluation(extract_model_from_parallel(model))
+            self._pin_for_evaluation(_unwrap(model))
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         # not at `on_evaluate`: with several eval datasets `Trainer.evaluate` fires it after each one
         if not self.pin_during_training:
-            extract_model_from_parallel(model).release_task()
+            _unwrap(model).release_task()
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        model = extract_model_from_parallel(model)
+        model = _unwrap(model)
         model.release_task()
-        rank, world = args.process_index, args.world_size
+        rank, world = _processes(args)
         batches = self._router_batches(args, train_dataloader, rank, world)
         start = time.perf_counter()
         model.fit_router(batches, task=self._task(model), progress=self.progress and state.is_local_process_zero,
-                         reduce_sum=_sum_over_processes if world > 1 else None)
+                         reduce_sum=_reduce_sum(world))
         self.fit_seconds = time.perf_counter() - start
