@@ -14,7 +14,8 @@ What we rely on (pinned by ``tests/test_registry_contract.py``; ``peft`` is pinn
    ``PeftModel.load_adapter(model_id, adapter_name, ...)``: we wrap both so that an ASR bank also writes and reads
    its optional router-statistics file and its model card. The wrappers do nothing for other PEFT methods.
    ``PeftModel.from_pretrained(model, model_id, adapter_name, ..., subfolder=...)`` is wrapped too, so that a bank is
-   checked (and an interrupted save finished) *before* PEFT injects layers into the base model, and
+   checked (an interrupted save finished, a Hub bank's files fetched from one revision) *before* PEFT injects
+   layers into the base model, and PEFT then builds the model from those checked files; and
    ``PeftModel.push_to_hub(repo_id, ...)`` (transformers' ``PushToHubMixin``), so that an ASR bank is uploaded with
    its own model card in one commit (``peft_asr.bank.push``).
 4. ``PeftModel._enable_peft_forward_hooks`` calls ``base_model._enable_peft_forward_hooks(*args, **kwargs)`` as a
@@ -64,7 +65,7 @@ def _add_peft_type() -> enum.Enum:
 ASR_PEFT_TYPE = _add_peft_type()  # before the tuner is imported: ASRConfig() reads PeftType.ASR
 
 from .bank.files import is_asr_model  # noqa: E402
-from .bank.io import load_bank, preflight, save_bank  # noqa: E402
+from .bank.io import load_bank, local_load_kwargs, preflight, save_bank  # noqa: E402
 from .bank.push import push_bank_to_hub  # noqa: E402
 from .tuner.config import ASRConfig  # noqa: E402
 from .tuner.model import ASRModel  # noqa: E402
@@ -95,7 +96,9 @@ def _wrap_bank_io() -> None:
 
     @functools.wraps(original_from_pretrained)
     def from_pretrained(cls, model, model_id, *args, **kwargs):
-        preflight(model_id, kwargs.get("subfolder"))  # a no-op for other PEFT methods and for Hub ids
+        local = preflight(model_id, kwargs)  # None for other PEFT methods
+        if local is not None:  # an ASR bank, checked: PEFT builds the model from those very files
+            model_id, kwargs = local, local_load_kwargs(kwargs)
         return original_from_pretrained(cls, model, model_id, *args, **kwargs)
 
     original_push = PeftModel.push_to_hub

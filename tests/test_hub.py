@@ -589,3 +589,31 @@ def test_hub_bank_without_safetensors_is_refused_without_fetching_the_pickle(hub
         _hub_bank(REPO, None, {"endpoint": hub.url, "token": "hf_test", "cache_dir": str(tmp_path),
                                "revision": "no-such-branch"})
     assert hub.unknown == []
+
+
+def test_a_bad_hub_bank_is_refused_before_the_base_model_changes(hub, tmp_path):
+    """`from_pretrained` of a Hub id fetches and checks the bank first, then PEFT builds the model from the checked
+    files: a bad bank leaves the base model as it was, as a bad local bank does."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from peft import PeftModel
+
+    from conftest import tiny_llama
+    from peft_asr import BankError
+
+    model = _named_model()
+    model.push_to_hub(REPO, endpoint=hub.url, token="hf_test")
+    config = hub.files(REPO)["adapter_config.json"]
+    HfApi(endpoint=hub.url, token="hf_test").create_commit(
+        REPO, [CommitOperationAdd("pickled/adapter_config.json", config),
+               CommitOperationAdd("pickled/adapter_model.bin", PICKLE)], commit_message="pickle only")
+    base = tiny_llama()
+    before = [name for name, _ in base.named_modules()]
+    hub_kwargs = dict(endpoint=hub.url, token="hf_test", cache_dir=str(tmp_path))
+    with pytest.raises(BankError, match="has no adapter_model.safetensors"):
+        PeftModel.from_pretrained(base, REPO, subfolder="pickled", **hub_kwargs)
+    assert [name for name, _ in base.named_modules()] == before  # no layer injected
+    assert not [r for r in hub.requests if "adapter_model.bin" in r]
+    # the good bank at the top of the same repo loads through the same path
+    loaded = PeftModel.from_pretrained(base, REPO, **hub_kwargs)
+    assert loaded.tasks == ["alpha", "beta"]
+    assert hub.unknown == []

@@ -21,7 +21,7 @@ from .check import check_bank
 from .files import (CONFIG_FILE, HUB_DOWNLOAD_KWARGS, STATISTICS_FILE, WEIGHTS_FILE, adapter_folder,
                     hub_download_kwargs, is_asr_config)
 
-__all__ = ["save_bank", "load_bank", "preflight"]
+__all__ = ["save_bank", "load_bank", "preflight", "local_load_kwargs"]
 
 
 def save_bank(peft_model, original_save, save_directory, *args, **kwargs):
@@ -83,6 +83,10 @@ def _hub_bank(model_id: str, subfolder: Optional[str], kwargs: dict) -> str:
     return local
 
 
+def _looks_local(model_id: str) -> bool:
+    return os.path.isabs(model_id) or model_id.startswith(".") or os.sep + os.sep in model_id
+
+
 def _local_bank(model_id: str, subfolder: Optional[str], kwargs: dict) -> str:
     """The local folder holding the bank: the folder itself, or the Hub cache folder its files were downloaded to."""
     local = adapter_folder(model_id, subfolder=subfolder)
@@ -91,23 +95,48 @@ def _local_bank(model_id: str, subfolder: Optional[str], kwargs: dict) -> str:
         return local
     if os.path.exists(local):
         raise BankError(f"{local} is a file; a bank is a folder.")
-    if os.path.isabs(model_id) or model_id.startswith(".") or os.sep + os.sep in model_id:
+    if _looks_local(model_id):
         raise BankError(f"{local} does not exist.")
     return _hub_bank(model_id, subfolder, kwargs)
 
 
-def preflight(model_id, subfolder: Optional[str] = None) -> None:
-    """Before ``PeftModel.from_pretrained`` changes the base model: finish an interrupted save and check the bank.
+def _is_asr_on_hub(model_id: str, subfolder: Optional[str], kwargs: dict) -> bool:
+    """Whether a Hub repo holds an ASR bank (its config says so); any failure: no, and PEFT reports it its way."""
+    from huggingface_hub import hf_hub_download
 
-    Does nothing for adapters of other PEFT methods and for Hub ids (checked by :func:`load_bank` once downloaded).
+    try:
+        path = hf_hub_download(model_id, CONFIG_FILE, subfolder=subfolder, **hub_download_kwargs(kwargs))
+        return is_asr_config(read_config_json(path))
+    except Exception:  # the Hub client raises many types (bad id, offline, no access); a corrupt config
+        return False
+
+
+def local_load_kwargs(kwargs: dict) -> dict:
+    """The keywords of a load from the checked local folder: without ``subfolder`` and the Hub download keywords."""
+    return {k: v for k, v in kwargs.items() if k != "subfolder" and k not in HUB_DOWNLOAD_KWARGS}
+
+
+def preflight(model_id, kwargs: Optional[dict] = None) -> Optional[str]:
+    """Before ``PeftModel.from_pretrained`` changes the base model: finish an interrupted save, fetch a Hub bank's
+    files (one revision), and check the bank. Returns the checked folder, which PEFT then loads from (with
+    :func:`local_load_kwargs`), or None for adapters of other PEFT methods.
     """
+    kwargs = kwargs or {}
     if not isinstance(model_id, (str, os.PathLike)):
-        return
+        return None
+    model_id, subfolder = os.fspath(model_id), kwargs.get("subfolder")
     local = adapter_folder(model_id, subfolder=subfolder)
     recover_bank(local)
-    config = os.path.join(local, CONFIG_FILE)
-    if os.path.isfile(config) and is_asr_config(read_config_json(config)):  # an unreadable config: our error
-        check_bank(local)
+    if os.path.exists(local) or _looks_local(model_id):
+        config = os.path.join(local, CONFIG_FILE)
+        if not (os.path.isfile(config) and is_asr_config(read_config_json(config))):  # unreadable: our error
+            return None
+    elif _is_asr_on_hub(model_id, subfolder, kwargs):
+        local = _hub_bank(model_id, subfolder, kwargs)
+    else:
+        return None
+    check_bank(local)
+    return local
 
 
 def load_bank(peft_model, original_load, model_id, adapter_name, *args, **kwargs):
@@ -122,8 +151,7 @@ def load_bank(peft_model, original_load, model_id, adapter_name, *args, **kwargs
     model_id = os.fspath(model_id)
     local = _local_bank(model_id, kwargs.get("subfolder"), kwargs)
     _, stats = check_bank(local)
-    local_kwargs = {k: v for k, v in kwargs.items() if k != "subfolder" and k not in HUB_DOWNLOAD_KWARGS}
-    result = original_load(peft_model, local, adapter_name, *args, **local_kwargs)
+    result = original_load(peft_model, local, adapter_name, *args, **local_load_kwargs(kwargs))
     router = peft_model.base_model.router
     if stats is None:
         router.mark_loaded_without_statistics()
