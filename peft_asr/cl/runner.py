@@ -163,7 +163,7 @@ def _check_tasks(tasks: Sequence[Task]) -> None:
         raise ValueError("`tasks` is empty; a stream needs at least one task.")
     for task in tasks:
         if not isinstance(task, Task):
-            raise TypeError(f"every task must be a peft_asr.data.Task, got {type(task).__name__}.")
+            raise TypeError(f"every task must be a peft_asr.cl.Task, got {type(task).__name__}.")
         if not task.train:
             raise ValueError(f"task {task.name!r} has no training rows.")
     names = [t.name for t in tasks]

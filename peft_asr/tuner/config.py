@@ -333,7 +333,8 @@ def check_config_dict(data: object, source: str = "adapter_config.json") -> froz
         import peft
 
         warnings.warn(f"{source} was written by peft {newer} (installed: {peft.__version__}); ignoring the keys "
-                      f"{unknown}, which this peft does not know.", UserWarning, stacklevel=3)
+                      f"{unknown}, which this peft does not know. If they are settings of a newer peft-asr instead, "
+                      "upgrade: `pip install -U peft-asr`.", UserWarning, stacklevel=3)
     elif unknown:
         raise ASRConfigError(
             f"{source} has unknown keys {unknown}: it was written by a newer peft-asr/peft (upgrade: "

@@ -12,9 +12,9 @@ The layer applies either
   (class 0 = base route: no adapter; class t+1 = ``tasks[t]``). The per-row path (`gathered_delta`) gathers each
   row's A/B from the stacked task matrices and runs two batched matmuls, with no Python loop over tasks and no device
   synchronisation. The stacks are cached while no task's parameters change (in eval the bank is frozen), so a
-  routed forward does not copy T * r * (in + out) numbers per layer. `grouped_delta` (one matmul per task present,
-  which needs the host to know the tasks of the batch) is the exact reference it is tested and benchmarked against;
-  ``ROUTED_KERNEL`` selects it.
+  routed forward does not copy T * r * (in + out) numbers per layer. `grouped_delta` in ``benchmarks/kernels.py`` (one matmul per
+  task present, which needs the host to know the tasks of the batch) is the exact reference it is tested and
+  benchmarked against.
 
 A layer that gets none of these (an eval-mode call that bypassed the routing context, e.g. the inner model called
 directly) raises instead of silently answering with some task, and a row count it cannot map to the decisions
