@@ -567,18 +567,22 @@ def test_from_pretrained_of_a_hub_revision_and_subfolder_fetches_the_bank_files_
     assert out["routes"] == expected and out["tasks"] == ["alpha", "beta"]
 
 
-def test_hub_bank_without_safetensors_is_refused_without_fetching_the_pickle(hub, tmp_path):
+def _push_with_a_pickle_only_folder(hub) -> None:
+    """A bank at the top of the repo, and in `pickled/` its config next to a pickle file only."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from peft_asr import BankError
-    from peft_asr.bank.io import _hub_bank
-
-    model = _named_model()
-    model.push_to_hub(REPO, endpoint=hub.url, token="hf_test")
+    _named_model().push_to_hub(REPO, endpoint=hub.url, token="hf_test")
     config = hub.files(REPO)["adapter_config.json"]
     HfApi(endpoint=hub.url, token="hf_test").create_commit(
         REPO, [CommitOperationAdd("pickled/adapter_config.json", config),
                CommitOperationAdd("pickled/adapter_model.bin", PICKLE)], commit_message="pickle only")
+
+
+def test_hub_bank_without_safetensors_is_refused_without_fetching_the_pickle(hub, tmp_path):
+    from peft_asr import BankError
+    from peft_asr.bank.io import _hub_bank
+
+    _push_with_a_pickle_only_folder(hub)
     hub.log.clear()
     with pytest.raises(BankError, match="has no adapter_model.safetensors"):
         _hub_bank(REPO, "pickled", {"endpoint": hub.url, "token": "hf_test", "cache_dir": str(tmp_path)})
@@ -594,18 +598,12 @@ def test_hub_bank_without_safetensors_is_refused_without_fetching_the_pickle(hub
 def test_a_bad_hub_bank_is_refused_before_the_base_model_changes(hub, tmp_path):
     """`from_pretrained` of a Hub id fetches and checks the bank first, then PEFT builds the model from the checked
     files: a bad bank leaves the base model as it was, as a bad local bank does."""
-    from huggingface_hub import CommitOperationAdd, HfApi
     from peft import PeftModel
 
     from conftest import tiny_llama
     from peft_asr import BankError
 
-    model = _named_model()
-    model.push_to_hub(REPO, endpoint=hub.url, token="hf_test")
-    config = hub.files(REPO)["adapter_config.json"]
-    HfApi(endpoint=hub.url, token="hf_test").create_commit(
-        REPO, [CommitOperationAdd("pickled/adapter_config.json", config),
-               CommitOperationAdd("pickled/adapter_model.bin", PICKLE)], commit_message="pickle only")
+    _push_with_a_pickle_only_folder(hub)
     base = tiny_llama()
     before = [name for name, _ in base.named_modules()]
     hub_kwargs = dict(endpoint=hub.url, token="hf_test", cache_dir=str(tmp_path))
