@@ -81,7 +81,7 @@ def one_size(num_tasks: int, args) -> dict:
     # router update for one more task: partial_fit + lazy solve, on a copy so every repetition starts alike
     peft_model.add_task("extra")
     extra = feats(num_tasks)
-    snapshot = router.snapshot()
+    snapshot = router.snapshot(classes=[num_tasks + 1])  # what the update changes: one class, cross, counts
 
     def update():
         router.restore(snapshot)

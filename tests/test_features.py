@@ -133,3 +133,29 @@ def test_sequence_boundaries_alone_unpack_too():
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "cu_seq_lens_q": torch.tensor([0, 3, 5], dtype=torch.int32)}
     assert is_packed(batch)
     assert unpack_rows(batch)["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+
+
+@pytest.mark.parametrize("positions_per_slice", [1, 4, 49, 50, 1000])
+def test_pooling_in_slices_equals_pooling_at_once(monkeypatch, positions_per_slice):
+    """The pooling (and the final norm in it) runs over slices of positions, never a float64 copy of the whole
+    hidden state; the result is the whole-state mean."""
+    import torch
+
+    from peft_asr.tuner import features
+
+    g = torch.Generator().manual_seed(0)
+    hidden, mask = torch.randn(3, 50, 7, generator=g), torch.rand(3, 50, generator=g) > 0.3
+    norm = torch.nn.LayerNorm(7)
+    with torch.no_grad():
+        whole = (norm(hidden).double() * mask.double()[..., None]).sum(1) / mask.sum(1, keepdim=True).double()
+    seen = []
+
+    def recording_norm(part):
+        seen.append(part.shape[1])
+        return norm(part)
+
+    monkeypatch.setattr(features, "POOL_CHUNK_ELEMENTS", 3 * 7 * positions_per_slice)
+    with torch.no_grad():
+        pooled = features.masked_mean(hidden, mask, transform=recording_norm)
+    assert torch.allclose(pooled, whole, rtol=1e-12, atol=1e-12)
+    assert max(seen) == min(positions_per_slice, 50) and sum(seen) == 50

@@ -133,3 +133,66 @@ def test_summed_statistics_cannot_remove_but_route_the_same():
         pooled.remove_class(1)
     with pytest.raises(ValueError, match="class index must be in"):
         per_class.remove_class(0)
+
+
+def _grams_agree(router: AnalyticRouter) -> None:
+    """The running total is the sum of the per-class Gram matrices, and the solve equals the one from that sum."""
+    total = router.class_gram.sum(0)
+    assert torch.allclose(router.gram, total, rtol=1e-12, atol=1e-9)
+    expected = rls.ridge_solve(total, router.cross, router.ridge)
+    assert torch.allclose(router.solve().weight, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_total_gram_follows_fits_removals_loads_and_reductions():
+    """A solve reads a running total (not a sum over T + 1 classes); it must stay the sum after every change."""
+    x, y = _data(k=5)
+    router = AnalyticRouter(16, 6, feature_dim=32, activation="relu", seed=1)
+    for k in range(1, 6):  # task by task, as a stream trains them
+        router.partial_fit(x[y == k], k)
+        _grams_agree(router)
+    router.partial_fit(x[:7], torch.tensor([0, 1, 2, 0, 3, 4, 5]))  # a batch of mixed classes
+    _grams_agree(router)
+    router.remove_class(3)
+    _grams_agree(router)
+    loaded = AnalyticRouter(16, 5, feature_dim=32, activation="relu", seed=1)
+    loaded.load_statistics(router.statistics_state_dict())
+    assert torch.equal(loaded.gram, router.class_gram.sum(0))
+    _grams_agree(loaded)
+    # a fit of one class, reduced over two processes that added the same rows
+    before = router.snapshot(classes=[2])
+    router.partial_fit(x[y == 2][:9], 2)
+    router.all_reduce_statistics(lambda t: 2 * t, before)
+    _grams_agree(router)
+    twice = AnalyticRouter(16, 5, feature_dim=32, activation="relu", seed=1)
+    twice.load_statistics(loaded.statistics_state_dict())
+    twice.partial_fit(x[y == 2][:9], 2).partial_fit(x[y == 2][:9], 2)
+    assert torch.allclose(router.class_gram, twice.class_gram, rtol=1e-12, atol=1e-9)
+    assert torch.allclose(router.solve().weight, twice.solve().weight, rtol=1e-10, atol=1e-12)
+
+
+def test_a_snapshot_of_one_class_restores_everything_a_failed_fit_changed():
+    x, y = _data(k=3)
+    router = AnalyticRouter(16, 4).partial_fit(x, y)
+    router.solve()
+    state = {n: t.clone() for n, t in router.named_buffers()}
+    before = router.snapshot(classes=[2])
+    assert before["class_gram"].shape == (1, 16, 16)  # one class copied, not T + 1
+    router.partial_fit(x[y == 2], 2)
+    router.restore(before)
+    for name, tensor in router.named_buffers():
+        assert torch.equal(tensor, state[name]), name
+    assert not router._dirty
+
+
+def test_statistics_handed_out_or_taken_in_are_copies():
+    """Fitting adds to the router's tensors in place; that must reach neither a saved state nor a loaded one."""
+    x, y = _data()
+    router = AnalyticRouter(16, 4).partial_fit(x[:30], y[:30])
+    state = router.statistics_state_dict()
+    kept = {n: t.clone() for n, t in state.items()}
+    router.partial_fit(x[30:], y[30:])
+    other = AnalyticRouter(16, 4)
+    other.load_statistics(state)
+    other.partial_fit(x[30:], y[30:])
+    for name, tensor in state.items():
+        assert torch.equal(tensor, kept[name]), name

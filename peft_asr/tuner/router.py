@@ -107,6 +107,9 @@ class AnalyticRouter(nn.Module):
         grams = num_classes if self.per_class_statistics else 1
         self.register_buffer("class_gram", torch.zeros(grams, dim, dim, **f64), persistent=False)
         self.register_buffer("cross", torch.zeros(dim, num_classes, **f64), persistent=False)
+        # the sum of `class_gram` over classes, kept up to date so a solve costs the same whatever the number of
+        # tasks (summing T + 1 Gram matrices grew with T); not saved: it is recomputed from the per-class ones
+        self.register_buffer("total_gram", torch.zeros(dim, dim, **f64), persistent=False)
         # False after a bank is loaded without its statistics file: the router can route but not learn more.
         self.has_statistics = True
         self._dirty = False
@@ -124,8 +127,12 @@ class AnalyticRouter(nn.Module):
 
     @property
     def gram(self) -> torch.Tensor:
-        """``G = sum phi^T phi`` over every class (E x E)."""
-        return self.class_gram.sum(dim=0)
+        """``G = sum phi^T phi`` over every class (E x E): the running total, no sum over classes."""
+        return self.total_gram if self.per_class_statistics else self.class_gram[0]
+
+    def _retotal(self) -> None:
+        if self.per_class_statistics:
+            self.total_gram = self.class_gram.sum(dim=0)
 
     # ------------------------------------------------------------------ dtype safety
     def _apply(self, fn, recurse=True):
@@ -178,6 +185,9 @@ class AnalyticRouter(nn.Module):
         self.cross = self.cross[:, keep].contiguous()
         self.class_counts = self.class_counts[keep].contiguous()
         self.weight = self.weight[:, keep].contiguous()
+        # summed again rather than subtracted: subtracting a class that dominates the total would leave the
+        # remaining classes' sum with the rounding error of the removed one
+        self._retotal()
         self._dirty = True
 
     # ------------------------------------------------------------------ fitting
@@ -201,6 +211,7 @@ class AnalyticRouter(nn.Module):
             for k in labels.unique().tolist():  # usually one class per batch
                 rows = labels == k
                 rls.accumulate(self.class_gram[k], self.cross, phi[rows], targets[rows])
+            self.total_gram.addmm_(phi.T, phi)  # (E, B) @ (B, E): the same rows, into the total
         else:
             rls.accumulate(self.class_gram[0], self.cross, phi, targets)
         self.class_counts += targets.sum(dim=0)
@@ -211,23 +222,38 @@ class AnalyticRouter(nn.Module):
         """Sum the statistics added since the snapshot ``since`` (from :meth:`snapshot`) across processes.
 
         ``reduce_sum`` maps a tensor to its sum over processes (e.g. ``accelerator.reduce(t, "sum")``). Only the
-        increments are reduced, so state that every process already shares is not counted twice.
+        increments are reduced, so state that every process already shares is not counted twice; with a snapshot of
+        some classes, only their Gram matrices are (every process must have fitted the same classes).
         """
-        for name in _STATISTICS:
-            current = getattr(self, name)
-            delta = current - since[name]
-            setattr(self, name, since[name] + reduce_sum(delta))
+        for name in ("cross", "class_counts", "total_gram"):
+            setattr(self, name, since[name] + reduce_sum(getattr(self, name) - since[name]))
+        index = self._classes_of(since)
+        self.class_gram[index] = since["class_gram"] + reduce_sum(self.class_gram[index] - since["class_gram"])
         self._dirty = True
 
-    def snapshot(self) -> dict:
+    def _classes_of(self, snapshot: dict):
+        classes = snapshot["classes"]
+        return slice(None) if classes is None else torch.tensor(classes, device=self.class_gram.device)
+
+    def snapshot(self, classes: Optional[list[int]] = None) -> dict:
         """Copies of the statistics, to compute per-call increments (see :meth:`all_reduce_statistics`) or to
-        :meth:`restore` them."""
-        return {"_dirty": self._dirty, **{n: getattr(self, n).clone() for n in _STATISTICS}}
+        :meth:`restore` them. ``classes``: only the Gram matrices of these classes are copied (the ones a fit will
+        change), so a snapshot costs the same whatever the number of tasks."""
+        if classes is not None and not self.per_class_statistics:
+            classes = [0]  # one summed Gram matrix
+        index = slice(None) if classes is None else list(classes)
+        return {"_dirty": self._dirty, "classes": None if classes is None else list(classes),
+                "class_gram": self.class_gram[index].clone(), "cross": self.cross.clone(),
+                "class_counts": self.class_counts.clone(), "total_gram": self.total_gram.clone()}
 
     def restore(self, snapshot: dict) -> None:
         """Put back the statistics of a :meth:`snapshot` (taken with the same classes)."""
-        for name in _STATISTICS:
-            setattr(self, name, snapshot[name])
+        for name in ("cross", "class_counts", "total_gram"):
+            setattr(self, name, snapshot[name].clone())
+        if snapshot["classes"] is None:
+            self.class_gram = snapshot["class_gram"].clone()
+        else:
+            self.class_gram[self._classes_of(snapshot)] = snapshot["class_gram"]
         self._dirty = snapshot["_dirty"]
 
     def solve(self) -> "AnalyticRouter":
@@ -282,7 +308,8 @@ class AnalyticRouter(nn.Module):
         """The tensors needed to keep learning: ``class_gram``, ``cross``, ``class_counts`` (float64, CPU)."""
         if not self.has_statistics:
             raise RuntimeError("this router has no statistics to save (it was loaded without them).")
-        return {n: getattr(self, n).detach().cpu().contiguous() for n in _STATISTICS}
+        # copies: the router goes on adding to its own tensors in place
+        return {n: getattr(self, n).detach().to("cpu", copy=True).contiguous() for n in _STATISTICS}
 
     def load_statistics(self, state: dict[str, torch.Tensor], solved: bool = False) -> None:
         """Restore the statistics saved by :meth:`statistics_state_dict`; shapes and dtype are checked.
@@ -296,9 +323,11 @@ class AnalyticRouter(nn.Module):
         for name in _STATISTICS:
             rls.check_finite(name, state[name])
         device = self.weight.device
-        self.class_gram = state["class_gram"].to(device)
-        self.cross = state["cross"].to(device)
-        self.class_counts = state["class_counts"].to(device)
+        # copies: fitting adds to these in place, which must not reach the caller's tensors
+        self.class_gram = state["class_gram"].to(device, copy=True)
+        self.cross = state["cross"].to(device, copy=True)
+        self.class_counts = state["class_counts"].to(device, copy=True)
+        self._retotal()
         self.has_statistics = True
         self._dirty = not solved
 

@@ -58,9 +58,8 @@ class RouterFeaturesMixin:
             inputs.get("prompt_mask"),
             shape=tuple(hidden.shape[:2]),
         )
-        with torch.no_grad():
-            normed = self._final_norm()(hidden)  # (B, L, d)
-        return masked_mean(normed, mask.to(hidden.device), strict=strict)  # (B, L, d) -> (B, d)
+        with torch.no_grad():  # the final norm slice by slice, inside the pooling: no normed copy of the whole state
+            return masked_mean(hidden, mask.to(hidden.device), strict=strict, transform=self._final_norm())
 
     def _absolute_positions(self) -> bool:
         """Whether the model adds learned absolute position embeddings (GPT-2 ``wpe``, BERT ``position_embeddings``):
@@ -154,7 +153,7 @@ class RouterFeaturesMixin:
         check_batches(batches)
         label = BASE_CLASS if task in (None, BASE_ROUTE) else self.bank_config.tasks.index(self._check_task(task)) + 1
         router = self.router
-        before = router.snapshot()  # all or nothing: a bad batch halfway leaves the router as it was
+        before = router.snapshot(classes=[label])  # all or nothing: a bad batch halfway leaves the router as it was
         seen = 0
         try:
             for batch in tqdm(batches, desc=f"router fit [{task or BASE_ROUTE}]", disable=not progress, leave=False):
