@@ -156,5 +156,6 @@ def load_bank(peft_model, original_load, model_id, adapter_name, *args, **kwargs
     if stats is None:
         router.mark_loaded_without_statistics()
     else:
-        router.load_statistics(stats, solved=True)  # `check_bank` showed the saved weight solves them
+        # read for this load only, so taken without a copy; `check_bank` showed the saved weight solves them
+        router.load_statistics(stats, solved=True, copy=False)
     return result

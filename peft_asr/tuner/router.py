@@ -311,11 +311,12 @@ class AnalyticRouter(nn.Module):
         # copies: the router goes on adding to its own tensors in place
         return {n: getattr(self, n).detach().to("cpu", copy=True).contiguous() for n in _STATISTICS}
 
-    def load_statistics(self, state: dict[str, torch.Tensor], solved: bool = False) -> None:
+    def load_statistics(self, state: dict[str, torch.Tensor], solved: bool = False, copy: bool = True) -> None:
         """Restore the statistics saved by :meth:`statistics_state_dict`; shapes and dtype are checked.
 
         ``solved``: the current ``weight`` is already the solution of these statistics (a bank checked on load), so it
-        is kept bit for bit instead of being re-solved.
+        is kept bit for bit instead of being re-solved. ``copy=False``: the router takes the tensors themselves (a
+        state just read from a file, which nobody else holds): no second copy of the ``(T + 1) x E x E`` Grams.
         """
         problem = statistics_problem(state, self.dim, self.num_classes, self.per_class_statistics)
         if problem is not None:
@@ -323,10 +324,10 @@ class AnalyticRouter(nn.Module):
         for name in _STATISTICS:
             rls.check_finite(name, state[name])
         device = self.weight.device
-        # copies: fitting adds to these in place, which must not reach the caller's tensors
-        self.class_gram = state["class_gram"].to(device, copy=True)
-        self.cross = state["cross"].to(device, copy=True)
-        self.class_counts = state["class_counts"].to(device, copy=True)
+        # copies (unless the caller hands the tensors over): fitting adds to these in place
+        self.class_gram = state["class_gram"].to(device, copy=copy)
+        self.cross = state["cross"].to(device, copy=copy)
+        self.class_counts = state["class_counts"].to(device, copy=copy)
         self._retotal()
         self.has_statistics = True
         self._dirty = not solved
