@@ -4,13 +4,13 @@ A *task* is a named pair of splits of ``{"prompt": str, "answer": str}`` rows pl
 its answers. Loaders build tasks from the TRACE benchmark, the O-LoRA ``CL_Benchmark`` and any ``datasets`` source;
 see ``docs/data.md`` for the formats.
 
-JSON files are read with ``json``, not ``datasets.load_dataset("json", keep_in_memory=True)``: on the 57 TRACE and
-O-LoRA files (16.8 MB) that takes 0.7-3.4 s against 0.14 s (about 30 ms against 0.04 ms for a 2-row file), fills a
-missing key with ``None`` (so the error could not say the key is absent) and reports a malformed file as a
-``DatasetGenerationError`` without its line. ``load_hf_task`` takes a ``load_dataset`` spec for ``datasets`` sources.
+JSON files are read with ``json``, not ``datasets.load_dataset("json", keep_in_memory=True)``: on the 15 TRACE
+prompt/answer files (6.1 MB) that takes 0.205 s with a warm cache and 0.504 s with a fresh one against 0.044 s
+(``benchmarks/perf_toolkit.py``), fills a missing key with ``None`` (so the error could not say the key is absent) and
+reports a malformed file as a ``DatasetGenerationError`` without its line. ``load_hf_task`` takes a ``load_dataset`` spec for ``datasets`` sources.
 ``Task.subsample`` keeps ``random.Random(seed).sample`` rather than ``Dataset.shuffle(seed).select``: the committed
 benchmark results (``benchmarks/results/cl_*.json``, 64 train / 16 eval rows per task, seed 0) were drawn with it, and
-``shuffle(0).select`` keeps only 7 of the same 64 rows of a 500-row split.
+``shuffle(0).select`` keeps only 7 of the same 64 rows of a 500-row split (``benchmarks/perf_toolkit.py``).
 """
 
 from __future__ import annotations

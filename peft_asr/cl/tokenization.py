@@ -11,8 +11,8 @@ features in both.
 
 ``PromptAnswerCollator`` pads with ``torch.nn.utils.rnn.pad_sequence`` instead of wrapping
 ``transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``: that collator needs a tokenizer (this one
-takes a pad id) and pads on ``tokenizer.padding_side``, which is ``"left"`` for the stories260K Llama tokenizer (0 of
-32 batches identical; 32 of 32 with ``padding_side="right"``). ``DataCollatorWithPadding`` does not pad ``labels``.
+takes a pad id) and pads on ``tokenizer.padding_side``, which is ``"left"`` for the stories260K Llama tokenizer, while
+training rows are padded on the right (with ``padding_side="right"`` the batches are identical: ``tests/test_data.py``). ``DataCollatorWithPadding`` does not pad ``labels``.
 """
 
 from __future__ import annotations
