@@ -32,6 +32,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import BASE_ROUTE
+from .merging import NOT_PINNED, merge_delta, unmerge_delta
 
 __all__ = ["ASRLayer", "Linear", "gathered_delta"]
 
@@ -69,6 +70,7 @@ class ASRLayer(BaseTunerLayer):
         self.active_task: Optional[str] = None
         self.trainable_task: Optional[str] = None
         self._merged_task: Optional[str] = None
+        self._kept_weight = None  # a quantized base weight as it was before the merge (`merging.KeptWeight`)
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self.kwargs = kwargs
@@ -83,8 +85,8 @@ class ASRLayer(BaseTunerLayer):
             self.fan_in_fan_out = True
         else:
             raise TypeError(
-                f"ASR adapts `torch.nn.Linear` and `transformers` `Conv1D` layers only, got {type(base).__name__}; "
-                "choose other `target_modules`."
+                f"ASR adapts `torch.nn.Linear` (bitsandbytes 4-bit / 8-bit included) and `transformers` `Conv1D` "
+                f"layers only, got {type(base).__name__}; choose other `target_modules`."
             )
 
     # ------------------------------------------------------------------ creation
@@ -147,24 +149,15 @@ class ASRLayer(BaseTunerLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Merge the pinned task into the base weight (float, or bitsandbytes 4-bit / 8-bit: see ``merging``)."""
         if self.merged:
             return
         task = self.active_task
         if task is None or task == BASE_ROUTE:
-            raise ValueError(
-                "an ASR bank routes each input to its own task, so it cannot be merged as a whole; pin one task: "
-                "`with model.use_task('name'): model.merge_adapter()` or `model.merge_and_unload(task='name')`."
-            )
+            raise ValueError(NOT_PINNED)
         adapter = self.active_adapters[0]
-        base = self.get_base_layer()
-        delta = self.get_delta_weight(adapter, task).to(base.weight.dtype)
-        if safe_merge:
-            merged = base.weight.data + delta
-            if not torch.isfinite(merged).all():
-                raise ValueError(f"merging task {task!r} produced NaN or inf weights; the task's subspace is broken.")
-            base.weight.data = merged
-        else:
-            base.weight.data += delta
+        delta = self.get_delta_weight(adapter, task)
+        self._kept_weight = merge_delta(self.get_base_layer(), delta, safe_merge=safe_merge, task=task)
         self._merged_task = task
         self.merged_adapters.append(adapter)
 
@@ -172,9 +165,9 @@ class ASRLayer(BaseTunerLayer):
         if not self.merged:
             return
         adapter = self.merged_adapters.pop()
-        base = self.get_base_layer()
-        base.weight.data -= self.get_delta_weight(adapter, self._merged_task).to(base.weight.dtype)
-        self._merged_task = None
+        delta = self.get_delta_weight(adapter, self._merged_task)
+        unmerge_delta(self.get_base_layer(), delta, self._kept_weight)
+        self._merged_task = self._kept_weight = None
 
 
 class Linear(nn.Module, ASRLayer):
