@@ -1,6 +1,7 @@
-"""Hub round trip against a local Hub: ``push_to_hub`` keeps the bank's card and uploads it in one commit, and
-``PeftModel.from_pretrained(base, "org/bank")`` downloads the bank's files only, then loads it from the Hub cache with
-``HF_HUB_OFFLINE=1``.
+"""Hub round trip against a local Hub: ``push_to_hub`` keeps the bank's card and uploads it in one commit (to main, a
+branch, a new pull request against any branch, or an open one), and ``PeftModel.from_pretrained(base, "org/bank")``
+downloads the bank's files only, then loads it from the Hub cache with ``HF_HUB_OFFLINE=1``; the team flow (load a
+shared bank, add a task, propose it as a pull request, merge banks by repo id); the card's ``base_model``.
 
 ``FakeHub`` is an in-process HTTP server that speaks the calls ``huggingface_hub`` makes for an upload and a
 download, with the JSON the Hub answers:
@@ -8,7 +9,11 @@ download, with the JSON the Hub answers:
 * ``POST /api/repos/create`` (the repository starts with an "initial commit" of ``.gitattributes``, as on the Hub),
   ``POST /api/validate-yaml``, ``POST /api/models/{repo}/branch/{branch}``;
 * ``POST /api/models/{repo}/preupload/{rev}`` (every file answered "regular", so no LFS/Xet transfer is involved;
-  ``oid`` for a file the revision already has) and ``POST /api/models/{repo}/commit/{branch}`` (ndjson);
+  ``oid`` for a file the revision already has) and ``POST /api/models/{repo}/commit/{rev}`` (ndjson) to a branch or
+  a ``refs/pr/N``; with ``?create_pr=1`` (what ``HfApi.create_commit(create_pr=True)`` sends) the commit opens pull
+  request N against that branch: a ref ``refs/pr/N`` starting at the branch's head, the commit on it, and the
+  ``pullRequestUrl`` ``.../discussions/N`` that ``CommitInfo.pr_revision`` is read from;
+* ``GET /api/models/{repo}/refs[?include_prs=1]`` (branches, and the pull requests' refs);
 * ``GET /api/models/{repo}[/revision/{rev}]`` (``sha``, ``siblings``: what ``snapshot_download`` pins a revision with)
   and ``GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=...`` (paginated with a ``Link`` header: the listing
   ``snapshot_download`` filters and ``upload_folder(delete_patterns=...)`` matches);
@@ -22,6 +27,7 @@ none, so a new call in a future ``huggingface_hub`` shows up here.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -57,8 +63,9 @@ class FakeHub:
     TREE_PAGE = 1000  # entries per page of a tree listing (the Hub's; 50 with `expand`, which is not served here)
 
     def __init__(self, tree_page: int = TREE_PAGE):
-        # repo_id -> {"refs": {branch: oid}, "commits": {oid: commit}, "created": date}; a commit is
-        # {"oid", "parent", "summary", "date", "files": {path: bytes}, "added": [path], "deleted": [path]}
+        # repo_id -> {"refs": {branch or "refs/pr/N": oid}, "commits": {oid: commit}, "prs": [pull request],
+        # "created": date}; a commit is {"oid", "parent", "summary", "date", "files": {path: bytes}, "added": [path],
+        # "deleted": [path]}; a pull request is {"num", "ref", "target" (its base branch), "title"}
         self.repos: dict[str, dict] = {}
         self.log: list[tuple[str, list[str]]] = []  # (method, unquoted path segments) of every request
         self.unknown: list[str] = []
@@ -176,9 +183,13 @@ class FakeHub:
             if method == "POST" and len(rest) == 2 and rest[0] == "preupload":
                 return self.preupload(repo, rest[1], json.loads(body))
             if method == "POST" and len(rest) == 2 and rest[0] == "commit":
-                if query:  # `create_pr`: pull requests are not served
+                if set(query) - {"create_pr"}:
                     return None
-                return self.commit(repo_id, repo, rest[1], body)
+                return self.commit(repo_id, repo, rest[1], body, create_pr=flag("create_pr"))
+            if method == "GET" and rest == ["refs"]:
+                if set(query) - {"include_prs"}:
+                    return None
+                return self.refs(repo, flag("include_prs"))
             if method == "POST" and len(rest) == 2 and rest[0] == "branch":
                 return self.create_branch(repo, rest[1], json.loads(body or b"{}"))
             return None
@@ -223,7 +234,7 @@ class FakeHub:
         repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
         if repo_id in self.repos:
             return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
-        repo = self.repos[repo_id] = {"refs": {}, "commits": {}, "created": _now()}
+        repo = self.repos[repo_id] = {"refs": {}, "commits": {}, "prs": [], "created": _now()}
         self._new_commit(repo, "main", None, "initial commit", {".gitattributes": GITATTRIBUTES},
                          [".gitattributes"], [])
         return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id,
@@ -293,11 +304,24 @@ class FakeHub:
                                 **({"oid": self._blob_id(files[f["path"]])} if f["path"] in files else {})}
                                for f in req["files"]], "commitOid": oid}
 
-    def commit(self, repo_id: str, repo, branch: str, body: bytes):
+    def refs(self, repo, include_prs: bool):
         if repo is None:
             return self._error(404, "RepoNotFound", "Repository not found")
-        if branch not in repo["refs"]:  # commits go to a branch, never to a commit id
+        refs = sorted(repo["refs"].items())
+        answer = {"branches": [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid} for name, oid in refs
+                               if not name.startswith("refs/")], "converts": [], "tags": []}
+        if include_prs:
+            answer["pullRequests"] = [{"name": name, "ref": name, "targetCommit": oid} for name, oid in refs
+                                      if name.startswith("refs/pr/")]
+        return 200, answer
+
+    def commit(self, repo_id: str, repo, branch: str, body: bytes, create_pr: bool = False):
+        if repo is None:
+            return self._error(404, "RepoNotFound", "Repository not found")
+        if branch not in repo["refs"]:  # commits go to a branch or a pull request, never to a commit id
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {branch}")
+        if create_pr and branch.startswith("refs/"):
+            return 400, {"error": f"A pull request is opened against a branch, not {branch}"}
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         header, ops = lines[0], lines[1:]
         assert header["key"] == "header"
@@ -319,9 +343,15 @@ class FakeHub:
                 deleted.append(value["path"])
             else:  # lfsFile etc.: preupload said "regular", so a client must not send them
                 return 400, {"error": f"unexpected commit operation {op['key']}"}
+        pr = None
+        if create_pr:  # a new pull request: its ref starts at the branch's head and takes the commit
+            pr = {"num": len(repo["prs"]) + 1, "target": branch, "title": header["value"]["summary"]}
+            pr["ref"] = branch = f"refs/pr/{pr['num']}"
+            repo["prs"].append(pr)
         commit = self._new_commit(repo, branch, head, header["value"]["summary"], files, added, deleted)
         oid = commit["oid"]
-        return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+        return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid,
+                     "pullRequestUrl": f"{self.url}/{repo_id}/discussions/{pr['num']}" if pr else None}
 
     def resolve(self, repo_id: str, revision: str, filename: str):
         repo = self.repos.get(repo_id)
@@ -347,21 +377,54 @@ GITATTRIBUTES = b"""*.bin filter=lfs diff=lfs merge=lfs -text
 
 @pytest.fixture
 def hub(monkeypatch):
-    """A local Hub; offline mode (set by CI for the rest of the suite) is lifted for the upload calls only."""
+    """A local Hub; offline mode (set by CI for the rest of the suite) is lifted for the upload calls only. It is the
+    default endpoint too, so a call that names none (PEFT's save looks up a Hub-named base model's config.json with
+    `huggingface_hub.file_exists`) reaches it, never the real Hub."""
     import huggingface_hub.constants
+    import huggingface_hub.hf_api
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with FakeHub() as server:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", server.url)  # the `file_exists` of the module
         yield server
 
 
-def _named_model():
+def _named_base():
     from conftest import tiny_llama
 
     base = tiny_llama()
-    base.config._name_or_path = BASE_ID  # what from_pretrained would set; the card's base_model comes from it
-    return two_task_model(base)
+    # what `from_pretrained(BASE_ID)` sets: PEFT records `name_or_path` as the bank's `base_model_name_or_path` and
+    # `config._name_or_path` as the card's `base_model`
+    base.config.name_or_path = base.name_or_path = BASE_ID
+    return base
+
+
+def _named_model():
+    return two_task_model(_named_base())
+
+
+GAMMA_IDS = (100, 120)  # a third synthetic task, apart from ALPHA_IDS and BETA_IDS
+
+
+def _add_task(model, task: str, ids, seed: int) -> None:
+    """Add `task` with a subspace of its own (the other tasks' left as they are) and fit the router on it."""
+    import torch
+
+    model.add_task(task)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".asr_B." in name and name.endswith(f".{task}"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    model.fit_router([left_pad(prompts(*ids, 48, seed=seed))], task=task, progress=False)
+
+
+def _hub_kwargs(hub, cache: Path) -> dict:
+    return {"endpoint": hub.url, "token": "hf_test", "cache_dir": str(cache)}
 
 
 def _card_metadata(readme: bytes) -> dict:
@@ -451,11 +514,75 @@ def test_push_of_an_unchanged_bank_makes_no_commit(hub):
     assert hub.unknown == []
 
 
-def test_push_to_a_branch_and_pull_request_refused_before_any_request(hub):
+def test_team_flow_a_task_added_to_a_shared_bank_is_proposed_as_a_pull_request(hub, tmp_path):
+    """A colleague loads the shared bank, adds a task and opens a pull request against main; a reviewer loads the
+    proposal from `refs/pr/1`; the colleague adds a commit to the same pull request. Main never changes."""
+    from peft import PeftModel
+
+    from conftest import tiny_llama
+
+    _named_model().push_to_hub(REPO, endpoint=hub.url, token="hf_test")
+    main = hub.history(REPO)[-1]["oid"]
+
+    colleague = PeftModel.from_pretrained(tiny_llama(), REPO, is_trainable=True, **_hub_kwargs(hub, tmp_path / "c"))
+    _add_task(colleague, "gamma", GAMMA_IDS, seed=3)
+    info = colleague.push_to_hub(REPO, endpoint=hub.url, token="hf_test", create_pr=True, commit_message="Add gamma")
+    assert (info.pr_num, info.pr_revision) == (1, "refs/pr/1") and info.pr_url == f"{hub.url}/{REPO}/discussions/1"
+    assert hub.repos[REPO]["prs"] == [{"num": 1, "ref": "refs/pr/1", "target": "main", "title": "Add gamma"}]
+    assert hub.history(REPO)[-1]["oid"] == main  # main is untouched until the pull request is merged
+    proposal = hub.history(REPO, "refs/pr/1")
+    assert [c["oid"] for c in proposal[-2:]] == [main, info.oid]  # one commit, on top of main
+    assert sorted(proposal[-1]["added"]) == ["README.md", *BANK_FILES]
+    files = hub.files(REPO, "refs/pr/1")
+    assert json.loads(files["adapter_config.json"])["tasks"] == ["alpha", "beta", "gamma"]
+    assert "| 3 | `gamma` | 48 |" in files["README.md"].decode()
+    assert _card_metadata(files["README.md"])["base_model"] == BASE_ID  # the loaded bank's record, kept
+
+    rows = prompts(*ALPHA_IDS, 2, seed=7) + prompts(*BETA_IDS, 2, seed=8) + prompts(*GAMMA_IDS, 2, seed=9)
+    reviewed = PeftModel.from_pretrained(tiny_llama(), REPO, revision=info.pr_revision,
+                                         **_hub_kwargs(hub, tmp_path / "r")).eval()
+    assert reviewed.tasks == ["alpha", "beta", "gamma"]
+    routes = reviewed.route(**left_pad(rows))
+    assert routes == colleague.eval().route(**left_pad(rows)) == ["alpha"] * 2 + ["beta"] * 2 + ["gamma"] * 2
+
+    colleague.fit_router([left_pad(prompts(*GAMMA_IDS, 8, seed=10))], task="gamma", progress=False)
+    more = colleague.push_to_hub(REPO, endpoint=hub.url, token="hf_test", revision=info.pr_revision,
+                                 commit_message="More gamma prompts")
+    assert hub.history(REPO, "refs/pr/1")[-1]["oid"] == more.oid and more.pr_url is None
+    assert "| 3 | `gamma` | 56 |" in hub.files(REPO, "refs/pr/1")["README.md"].decode()
+    assert len(hub.repos[REPO]["prs"]) == 1 and hub.history(REPO)[-1]["oid"] == main
+    assert hub.unknown == []
+
+
+def test_pull_request_against_a_branch_and_refs_that_do_not_exist(hub):
     model = _named_model()
-    with pytest.raises(ValueError, match="pull request"):
-        model.push_to_hub(REPO, endpoint=hub.url, token="hf_test", revision="dev", create_pr=True)
-    assert hub.requests == [] and REPO not in hub.repos
+    model.push_to_hub(REPO, endpoint=hub.url, token="hf_test", revision="dev")
+    dev = hub.history(REPO, "dev")[-1]["oid"]
+    model.peft_config["default"].save_router_statistics = False  # a routing-only proposal: the statistics go
+    info = model.push_to_hub(REPO, endpoint=hub.url, token="hf_test", revision="dev", create_pr=True)
+    assert info.pr_revision == "refs/pr/1" and hub.repos[REPO]["prs"][0]["target"] == "dev"
+    assert hub.history(REPO, "dev")[-1]["oid"] == dev and "router_statistics.safetensors" in hub.files(REPO, "dev")
+    proposal = hub.history(REPO, "refs/pr/1")
+    assert proposal[-2]["oid"] == dev and proposal[-1]["deleted"] == ["router_statistics.safetensors"]
+    assert hub.unknown == []
+
+    hub.log.clear()
+    refs = {repo_id: dict(repo["refs"]) for repo_id, repo in hub.repos.items()}
+    push = functools.partial(model.push_to_hub, endpoint=hub.url, token="hf_test")
+    with pytest.raises(ValueError, match=r"branch 'nope', which peft-asr-test/bank does not have \(branches: "
+                                         r"\['dev', 'main'\]\)"):
+        push(REPO, revision="nope", create_pr=True)
+    with pytest.raises(ValueError, match=r"has no pull request 'refs/pr/7'"):
+        push(REPO, revision="refs/pr/7")
+    with pytest.raises(ValueError, match=r"'peft-asr-test/other' is not a repository on the Hub"):
+        push("peft-asr-test/other", revision="dev", create_pr=True)
+    assert {r.split()[0] for r in hub.requests} == {"GET"}  # refused before anything was created or changed
+    assert {repo_id: repo["refs"] for repo_id, repo in hub.repos.items()} == refs
+    hub.log.clear()
+    with pytest.raises(ValueError, match=r"opens a new pull request; to add a commit to the open one, push with "
+                                         r"revision='refs/pr/1' and without `create_pr`"):
+        push(REPO, revision="refs/pr/1", create_pr=True)
+    assert hub.requests == []
 
 
 def test_push_bank_to_hub_refuses_other_methods():
@@ -614,4 +741,136 @@ def test_a_bad_hub_bank_is_refused_before_the_base_model_changes(hub, tmp_path):
     # the good bank at the top of the same repo loads through the same path
     loaded = PeftModel.from_pretrained(base, REPO, **hub_kwargs)
     assert loaded.tasks == ["alpha", "beta"]
+    assert hub.unknown == []
+
+
+def test_merge_banks_by_hub_repo_id_at_revisions_and_offline(hub, tmp_path, monkeypatch):
+    """`merge_banks` takes repo ids (each at its own revision) as it takes folders, and offline it merges the cached
+    snapshots: the output is byte for byte the merge of the same banks as local folders."""
+    import huggingface_hub.constants
+    from peft import get_peft_model
+
+    from peft_asr import ASRConfig, BankError, merge_banks
+
+    other = "peft-asr-test/bank-gamma"
+    pair = _named_model()
+    gamma = get_peft_model(_named_base(), ASRConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                                    target_modules=["q_proj", "v_proj"], router_layer=2))
+    _add_task(gamma, "gamma", GAMMA_IDS, seed=3)
+    pair.push_to_hub(REPO, endpoint=hub.url, token="hf_test")
+    gamma.push_to_hub(other, endpoint=hub.url, token="hf_test", revision="dev")
+    pair.save_pretrained(tmp_path / "pair")
+    gamma.save_pretrained(tmp_path / "gamma")
+    merge_banks([tmp_path / "pair", tmp_path / "gamma"], tmp_path / "local")
+
+    kwargs = _hub_kwargs(hub, tmp_path / "cache")
+    merge_banks([REPO, other], tmp_path / "from-hub", revision=[None, "dev"], **kwargs)
+    for name in BANK_FILES:
+        assert (tmp_path / "from-hub" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    assert _card_metadata((tmp_path / "from-hub" / "README.md").read_bytes())["base_model"] == BASE_ID
+    with pytest.raises(BankError, match=r"neither a local folder nor a Hub repo with adapter_config.json"):
+        merge_banks([REPO, other], tmp_path / "m", **kwargs)  # `other` has its bank on `dev` only
+    with pytest.raises(BankError, match=r"is a local path; `revision` \('dev'\) chooses a revision of a Hub repo"):
+        merge_banks([tmp_path / "pair", other], tmp_path / "m", revision="dev", **kwargs)
+    with pytest.raises(ValueError, match=r"`revision` must be a string \(for every bank\) or a list of 2"):
+        merge_banks([REPO, other], tmp_path / "m", revision=["dev"], **kwargs)
+    assert not (tmp_path / "m").exists() and hub.unknown == []
+
+    hub.__exit__()  # offline: the cached snapshots of those revisions
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    merge_banks([REPO, other], tmp_path / "offline", revision=[None, "dev"], **kwargs)
+    for name in BANK_FILES:
+        assert (tmp_path / "offline" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    with pytest.raises(BankError, match=r"cannot load 'peft-asr-test/bank': no such folder, and the Hub download "
+                                         r"failed \(Cannot find an appropriate cached snapshot"):
+        merge_banks([REPO, other], tmp_path / "m", revision=[None, "dev"], **_hub_kwargs(hub, tmp_path / "empty"))
+
+
+def _readme(model, folder: Path) -> tuple[dict, str, dict]:
+    model.save_pretrained(folder)
+    text = (folder / "README.md").read_text()
+    return _card_metadata(text.encode()), text, json.loads((folder / "adapter_config.json").read_text())
+
+
+def test_card_names_the_base_model_by_its_hub_id_or_not_at_all(tmp_path):
+    """The card's `base_model` and PEFT's `base_model:adapter:` tag link a bank to its base in the Hub's model tree:
+    a Hub id, the id of a Hub-cache snapshot folder, or nothing (never a local path, never '')."""
+    from conftest import tiny_llama
+
+    snapshot = tmp_path / "hub" / "models--peft-asr-test--tiny-llama" / "snapshots" / ("0" * 40)
+    local = tmp_path / "my-llama"
+    snapshot.mkdir(parents=True)
+    local.mkdir()
+    for name_or_path, expected in ((BASE_ID, BASE_ID), (str(snapshot), BASE_ID), (str(local), None), ("", None)):
+        base = tiny_llama()
+        base.config.name_or_path = base.name_or_path = name_or_path
+        meta, text, config = _readme(two_task_model(base), tmp_path / f"bank{len(list(tmp_path.iterdir()))}")
+        assert config["base_model_name_or_path"] == (name_or_path or None)  # the bank records what PEFT records
+        adapter_tags = [t for t in meta["tags"] if t.startswith("base_model:adapter:")]
+        if expected:
+            assert meta["base_model"] == expected and adapter_tags == [f"base_model:adapter:{expected}"]
+            assert f"- Base model: `{expected}`" in text and f'from_pretrained("{expected}")' in text
+        else:
+            assert "base_model" not in meta and adapter_tags == [], meta
+            assert "- Base model: " + (f"a local model (`{local}`)" if name_or_path else "not recorded") in text
+        if name_or_path == str(local):  # no id known: named in the body (what it is, how to load it) only
+            assert text.count(name_or_path) == 2
+        elif name_or_path:  # an id known: the snapshot folder never reaches the card
+            assert name_or_path == expected or name_or_path not in text
+
+
+def test_the_embedded_model_is_recorded_by_its_hub_id(hub, tmp_path, monkeypatch):
+    """The embedded SmolLM2 is loaded from a conversion folder but named `HuggingFaceTB/SmolLM2-135M-Instruct`, so a
+    bank trained on it records that id (config, card, tag); loading the id takes the Hub cache's copy when there is
+    one, else the embedded model, without a request."""
+    import huggingface_hub.constants
+    import torch
+    from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
+
+    from conftest import tiny_llama
+    from peft_asr.cl import default_model
+
+    sys.path.insert(0, str(TESTS.parent / "examples"))
+    try:
+        from tiny_model import byte_tokenizer
+    finally:
+        sys.path.remove(str(TESTS.parent / "examples"))
+    converted = tmp_path / "peft_asr" / "smollm2-135m-instruct"  # stands in for the GGUF conversion folder
+    tiny_llama(seed=0).save_pretrained(converted)
+    byte_tokenizer().save_pretrained(converted)
+    monkeypatch.setattr(default_model, "default_model_path", lambda: converted)
+    monkeypatch.setattr(default_model, "_embedded_installed", lambda: True)
+    model_id = default_model.DEFAULT_MODEL_ID
+
+    base, _ = default_model.load_model_and_tokenizer(None)
+    assert base.name_or_path == base.config._name_or_path == model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    meta, text, config = _readme(two_task_model(base), tmp_path / "bank")
+    assert config["base_model_name_or_path"] == meta["base_model"] == model_id
+    assert f"base_model:adapter:{model_id}" in meta["tags"] and str(converted) not in text
+
+    # the id: from the Hub cache when it holds the model (other weights here, to tell them apart), else embedded
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    embedded, _ = default_model.load_model_and_tokenizer(model_id)
+    assert embedded.name_or_path == model_id and torch.equal(embedded.lm_head.weight, base.lm_head.weight)
+    monkeypatch.setattr(default_model, "_embedded_installed", lambda: False)
+    with pytest.raises(FileNotFoundError, match=r"cannot load model 'HuggingFaceTB/SmolLM2-135M-Instruct': not a "
+                                                r"local folder, and transformers could not load it"):
+        default_model.load_model_and_tokenizer(model_id)
+    monkeypatch.setattr(default_model, "_embedded_installed", lambda: True)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub_copy = tmp_path / "hub-copy"
+    tiny_llama(seed=1).save_pretrained(hub_copy)
+    byte_tokenizer().save_pretrained(hub_copy)
+    api = HfApi(endpoint=hub.url, token="hf_test")
+    api.create_repo(model_id)
+    api.create_commit(model_id, [CommitOperationAdd(p.name, str(p)) for p in hub_copy.iterdir()], commit_message="up")
+    snapshot_download(model_id, endpoint=hub.url, token="hf_test")
+    hub.__exit__()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cached, _ = default_model.load_model_and_tokenizer(model_id)
+    assert cached.name_or_path == model_id and not torch.equal(cached.lm_head.weight, base.lm_head.weight)
+    assert torch.equal(cached.lm_head.weight, tiny_llama(seed=1).lm_head.weight)
     assert hub.unknown == []

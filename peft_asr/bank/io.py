@@ -19,9 +19,9 @@ from .atomic import atomic_save, recover_bank
 from .card import write_model_card
 from .check import check_bank
 from .files import (CONFIG_FILE, HUB_DOWNLOAD_KWARGS, STATISTICS_FILE, WEIGHTS_FILE, adapter_folder,
-                    hub_download_kwargs, is_asr_config)
+                    hub_download_kwargs, is_asr_config, read_bank_config)
 
-__all__ = ["save_bank", "load_bank", "preflight", "local_load_kwargs"]
+__all__ = ["save_bank", "load_bank", "preflight", "resolve_bank", "local_load_kwargs"]
 
 
 def save_bank(peft_model, original_save, save_directory, *args, **kwargs):
@@ -96,8 +96,52 @@ def _local_bank(model_id: str, subfolder: Optional[str], kwargs: dict) -> str:
     if os.path.exists(local):
         raise BankError(f"{local} is a file; a bank is a folder.")
     if _looks_local(model_id):
-        raise BankError(f"{local} does not exist.")
+        raise BankError(f"{local} does not exist; it is not a saved bank.")
     return _hub_bank(model_id, subfolder, kwargs)
+
+
+def resolve_bank(bank: "str | os.PathLike", *, subfolder: Optional[str] = None, check: bool = True,
+                 **hub_kwargs) -> str:
+    """The local folder of a bank, its files checked: a folder (an interrupted save is finished first), or a Hub id with
+    its bank files downloaded from one revision into the Hub cache (only the bank's files, as
+    ``PeftModel.from_pretrained`` does). Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) a Hub id resolves
+    to the cached snapshot of its revision.
+
+    Args:
+        bank (`str` or `os.PathLike`):
+            A bank folder or a Hub repo id (``"org/name"``).
+        subfolder (`str`, *optional*):
+            The bank's sub-folder inside the folder or repository.
+        check (`bool`, *optional*, defaults to `True`):
+            Check every file (:func:`~peft_asr.bank.check_bank`). ``False`` only makes sure the folder holds an ASR
+            bank's config, for a caller that checks the files itself or only describes the bank.
+        hub_kwargs:
+            The Hub download keywords of ``snapshot_download``: ``revision`` (a branch, tag, commit or
+            ``"refs/pr/N"``), ``cache_dir``, ``local_files_only``, ``token``, ``endpoint``, ...
+
+    Returns:
+        `str`: the folder holding the bank's files (for a Hub id, its snapshot in the Hub cache).
+
+    Raises:
+        TypeError: a keyword that is not a Hub download keyword.
+        BankError: ``revision`` for a local folder; a folder or repository without a bank, another method's adapter,
+            a failed download, or bad files.
+    """
+    if not isinstance(bank, (str, os.PathLike)):
+        raise TypeError(f"`bank` must be a folder or a Hub repo id (str), got {type(bank).__name__}.")
+    unknown = sorted(set(hub_kwargs) - set(HUB_DOWNLOAD_KWARGS))
+    if unknown:
+        raise TypeError(f"`resolve_bank` got unknown keywords {unknown}; it takes `subfolder` and the Hub download "
+                        f"keywords {list(HUB_DOWNLOAD_KWARGS)}.")
+    bank = os.fspath(bank)
+    if hub_kwargs.get("revision") is not None and (os.path.exists(bank) or _looks_local(bank)):
+        raise BankError(f"{bank} is a local path; `revision` ({hub_kwargs['revision']!r}) chooses a revision of a "
+                        "Hub repo. Drop it, or pass the repo id.")
+    local = _local_bank(bank, subfolder, hub_kwargs)
+    read_bank_config(local)  # "not a bank" and "another method's adapter" say so, before the strict checks
+    if check:
+        check_bank(local)
+    return local
 
 
 def _is_asr_on_hub(model_id: str, subfolder: Optional[str], kwargs: dict) -> bool:
