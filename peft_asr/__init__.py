@@ -16,6 +16,7 @@ register()
 from . import _moved  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .bank import merge_banks, recover_bank  # noqa: E402
+from .deploy.shallow_router import ShallowRouter  # noqa: E402
 from .tuner import (ASRCallback, ASRConfig, ASRConfigError, ASRConfigTypeError, ASRError, ASRModel,  # noqa: E402
                     AnalyticRouter, BankError, BASE_ROUTE, RouterNumericalError)
 
@@ -36,6 +37,7 @@ __all__ = [
     "ASRConfigTypeError",
     "BankError",
     "recover_bank",
+    "ShallowRouter",
     "__version__",
 ]
 
