@@ -1,4 +1,4 @@
-"""The ``peft-asr`` command: ``demo``, ``train``, ``eval``, ``route``, ``info``.
+"""The ``peft-asr`` command: ``demo``, ``train``, ``eval``, ``route``, ``info``, ``export``.
 
 Bad input (a missing file, an unknown task, a model that does not fit the bank) ends with one line on stderr,
 ``peft-asr: error: ...``, and exit status 2, never a traceback. ``PEFT_ASR_DEBUG=1`` shows the traceback.
@@ -21,7 +21,8 @@ EXAMPLES = {
     "train": "peft-asr train --config stream.yaml",
     "eval": "peft-asr eval asr-demo/bank --task json:reverse=rows.json --task trace:../shared/data/trace/FOMC",
     "route": 'peft-asr route asr-demo/bank "Rewrite the list: owl, fox, bee" "Echo the objects: cup lamp"',
-    "info": "peft-asr info asr-demo/bank",
+    "info": "peft-asr info asr-demo/bank\n  peft-asr info my-org/my-bank --revision refs/pr/3",
+    "export": "peft-asr export asr-demo/bank served\n  peft-asr export asr-demo/bank served --tasks reverse echo --model ./my-causal-lm --overwrite",
 }
 
 STREAM_YAML = """\
@@ -91,33 +92,48 @@ def _task_from_flag(flag: str):
     return _task_from_spec({"kind": kind, "path": rest})
 
 
-def _read_config(bank: Path):
-    """The bank's `ASRConfig`, read strictly (an interrupted save is finished first)."""
-    from .bank.atomic import recover_bank
-    from .bank.files import read_bank_config
-    from .tuner.config import ASRConfig
+def _bank_folder(bank, revision: Optional[str] = None) -> Path:
+    """The local folder of BANK: a folder (an interrupted save finished first), or a Hub repo id whose bank files are
+    fetched from ``revision`` into the Hub cache (``HF_HUB_OFFLINE=1``: the cached snapshot). Its tensors are checked
+    when a model loads them; `info` only describes them."""
+    from .bank.io import resolve_bank
     from .tuner.errors import BankError
 
-    recover_bank(bank)
     try:
-        read_bank_config(bank)
+        return Path(resolve_bank(bank, check=False, **({"revision": revision} if revision is not None else {})))
     except BankError as err:
         raise CLIError(str(err)) from None
-    return ASRConfig.from_pretrained(str(bank))
 
 
-def _load_bank(bank: str, model: Optional[str]):
+def _read_config(bank, revision: Optional[str] = None):
+    """The `ASRConfig` of BANK (a folder or a Hub repo id, see `_bank_folder`), read strictly."""
+    from .tuner.config import ASRConfig
+
+    return ASRConfig.from_pretrained(str(_bank_folder(bank, revision)))
+
+
+def _load_bank(bank: str, model: Optional[str], revision: Optional[str] = None):
+    """The bank on its base model, in eval mode, and the tokenizer. The base model is ``model`` (a folder or a Hub
+    id), else the one the bank records, loaded through transformers (a Hub id from the Hub cache when offline)."""
     import peft_asr  # noqa: F401  (registers the ASR type)
     from peft import PeftModel
 
     from .cl.default_model import load_model_and_tokenizer
+    from .tuner.config import ASRConfig
 
-    config = _read_config(Path(bank))
-    base_path = model or config.base_model_name_or_path
-    if base_path is None or not Path(base_path).exists():
-        raise CLIError(f"the bank's base model {base_path!r} is not available here; pass --model PATH.")
-    base, tokenizer = load_model_and_tokenizer(base_path)
-    return PeftModel.from_pretrained(base, bank).eval(), tokenizer
+    folder = str(_bank_folder(bank, revision))
+    config = ASRConfig.from_pretrained(folder)
+    base_name = model or config.base_model_name_or_path
+    if not base_name:
+        raise CLIError("the bank records no base model (`base_model_name_or_path`); pass --model PATH with the model "
+                       "it was trained on (a folder or a Hub id).")
+    try:
+        base, tokenizer = load_model_and_tokenizer(base_name)
+    except OSError as err:  # not a folder, not a repo id, not on the Hub or (offline) not in its cache
+        origin = "--model" if model else "the bank's base model"
+        raise CLIError(f"{origin}: {str(err).rstrip('.')}; pass --model PATH with the base model (a folder or a "
+                       "Hub id).") from None
+    return PeftModel.from_pretrained(base, folder).eval(), tokenizer  # every file checked before the model changes
 
 
 def _cmd_demo(args) -> int:
@@ -167,7 +183,7 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from .cl.runner import evaluate_routing, evaluate_tasks
 
-    model, tokenizer = _load_bank(args.bank, args.model)
+    model, tokenizer = _load_bank(args.bank, args.model, args.revision)
     tasks = [_task_from_flag(flag) for flag in args.task]
     scores = evaluate_tasks(model, tokenizer, tasks, max_new_tokens=args.max_new_tokens)
     report = {"scores": {t.name: s for t, s in zip(tasks, scores)}}
@@ -186,7 +202,7 @@ def _cmd_eval(args) -> int:
 def _cmd_route(args) -> int:
     from .cl.tokenization import prompt_batches
 
-    model, tokenizer = _load_bank(args.bank, args.model)
+    model, tokenizer = _load_bank(args.bank, args.model, args.revision)
     batch = next(prompt_batches(tokenizer, list(args.prompts), batch_size=len(args.prompts)))
     routes = model.route(**batch)
     scores = model.route_scores(**batch)
@@ -201,22 +217,42 @@ def _cmd_info(args) -> int:
 
     from .bank.files import STATISTICS_FILE
 
-    bank = Path(args.bank)
+    bank = _bank_folder(args.bank, args.revision)  # a Hub id: its files in the Hub cache
     config = _read_config(bank)
     sizes = {f.name: f.stat().st_size for f in sorted(bank.iterdir()) if f.is_file()}
-    print(f"bank:            {bank}")
+    print(f"bank:            {args.bank}" + (f" ({bank})" if str(bank) != args.bank else ""))
     print(f"base model:      {config.base_model_name_or_path}")
     print(f"tasks ({len(config.tasks)}):       {', '.join(config.tasks) or '-'}")
     print(f"LoRA:            r={config.r} alpha={config.lora_alpha} targets={sorted(config.target_modules)} "
           f"layers {config.router_layer}..{(config.base_num_layers or 0) - 1}")
-    print(f"router:          layer {config.router_layer}, feature_dim {config.feature_dim or config.base_hidden_size}, "
-          f"activation {config.activation}, ridge {config.ridge}, threshold {config.confidence_threshold}")
+    head = (f"lda, shrinkage {config.router_shrinkage}" if config.router_head == "lda" else f"ridge {config.ridge}")
+    print(f"router:          layer {config.router_layer}, pooling {config.router_pooling}, head {head}, feature_dim "
+          f"{config.router_dim}, activation {config.activation}, threshold {config.confidence_threshold}")
     print(f"can keep learning: {'yes' if STATISTICS_FILE in sizes else 'no (no router statistics)'}")
     for name, size in sizes.items():
         print(f"  {name:<34} {size / 1e6:9.3f} MB")
     card = bank / "README.md"
     if card.is_file() and "## Evaluation" in card.read_text():
         print(card.read_text().split("## Evaluation", 1)[1].strip())
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .deploy.export_bank import ROUTER_FOLDER, ROUTES_FILE, check_target, check_tasks, export_bank
+
+    check_target(args.out, args.overwrite)  # both before the model is loaded
+    check_tasks(_read_config(args.bank, args.revision).tasks, args.tasks)
+    model, _ = _load_bank(args.bank, args.model, args.revision)
+    out = export_bank(model, args.out, tasks=args.tasks, overwrite=args.overwrite, base_model=args.model)
+    routes = json.loads((out / ROUTES_FILE).read_text())
+    print(f"wrote {out}")
+    for task, folder in routes["routes"].items():
+        if folder is not None:
+            print(f"  {folder + '/':<24} task {task!r} as a LoRA adapter (PeftModel.from_pretrained(base, path))")
+    print(f"  {ROUTER_FOLDER + '/':<24} the router (peft_asr.ShallowRouter.from_pretrained(path, base))")
+    print(f"  {ROUTES_FILE:<24} route -> adapter folder (__base__ -> null: the plain base model)")
+    if routes["not_exported"]:
+        print(f"  not exported (the router still picks them): {', '.join(routes['not_exported'])}")
     return 0
 
 
@@ -247,23 +283,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = add("eval", "Score a saved bank on tasks (greedy decoding, each row routed) and report routing accuracy.")
-    p.add_argument("bank")
+    p.add_argument("bank", help="a bank folder or a Hub repo id")
     p.add_argument("--task", action="append", required=True,
                    help="trace:DIR, olora:DIR or json:NAME=FILE (repeat for several tasks)")
-    p.add_argument("--model", help="base model folder (default: the one recorded in the bank)")
+    p.add_argument("--model", help="base model folder or Hub id (default: the one recorded in the bank)")
+    p.add_argument("--revision", help="branch, tag, commit or refs/pr/N of a Hub bank (default: main)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(func=_cmd_eval)
 
     p = add("route", "Print the task the router picks for each prompt, with the scores of every task.")
-    p.add_argument("bank")
+    p.add_argument("bank", help="a bank folder or a Hub repo id")
     p.add_argument("prompts", nargs="+")
-    p.add_argument("--model", help="base model folder (default: the one recorded in the bank)")
+    p.add_argument("--model", help="base model folder or Hub id (default: the one recorded in the bank)")
+    p.add_argument("--revision", help="branch, tag, commit or refs/pr/N of a Hub bank (default: main)")
     p.set_defaults(func=_cmd_route)
 
     p = add("info", "Describe a saved bank: tasks, sizes, router settings and the scores in its card.")
-    p.add_argument("bank")
+    p.add_argument("bank", help="a bank folder or a Hub repo id")
+    p.add_argument("--revision", help="branch, tag, commit or refs/pr/N of a Hub bank (default: main)")
     p.set_defaults(func=_cmd_info)
+
+    p = add("export", "Write a bank for a multi-LoRA serving engine: OUT/<task>/ (each task as a plain PEFT LoRA "
+                      "adapter), OUT/router/ (the router alone, for peft_asr.ShallowRouter) and OUT/routes.json "
+                      "(route name -> adapter folder; __base__ -> null, the base model).")
+    p.add_argument("bank", help="a bank folder or a Hub repo id")
+    p.add_argument("out", help="the folder to write (new or empty; an earlier export with --overwrite)")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="export only these tasks (default: all)")
+    p.add_argument("--model", help="base model folder or Hub id (default: the one recorded in the bank)")
+    p.add_argument("--revision", help="branch, tag, commit or refs/pr/N of a Hub bank (default: main)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

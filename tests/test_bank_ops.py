@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import left_pad, prompts, tiny_llama
+from conftest import TOY_POOLING, left_pad, prompts, tiny_llama
 from peft import PeftModel, get_peft_model
 
 import peft_asr  # noqa: F401
@@ -90,9 +90,30 @@ def test_overlapping_tasks_missing_statistics_and_bad_paths(tmp_path):
         merge_banks([tmp_path / "a", tmp_path / "d"], tmp_path / "m")
 
 
+def test_merge_reads_banks_through_the_resolver(tmp_path):
+    """Folders go through `resolve_bank` too (sub-folders per bank, an interrupted save finished first); the Hub
+    keywords are checked before anything is read (Hub ids themselves: tests/test_hub.py)."""
+    import shutil
+
+    _bank(["alpha", "beta"], tmp_path / "a" / "banks" / "first")
+    _bank(["gamma"], tmp_path / "b")
+    # a save interrupted between its two renames: the old bank moved aside, the new one not yet in place
+    shutil.move(tmp_path / "b", tmp_path / ".b.old-1-ab")
+    shutil.copytree(tmp_path / ".b.old-1-ab", tmp_path / ".b.tmp-1-ab")
+    merged = merge_banks([tmp_path / "a", tmp_path / "b"], tmp_path / "m", subfolder=["banks/first", None])
+    assert PeftModel.from_pretrained(tiny_llama(), merged).tasks == ["alpha", "beta", "gamma"]
+    with pytest.raises(TypeError, match=r"unknown keywords \['revison'\]; it takes `subfolder` and the Hub download"):
+        merge_banks([tmp_path / "a", tmp_path / "b"], tmp_path / "n", subfolder=["banks/first", None], revison="dev")
+    with pytest.raises(ValueError, match=r"`subfolder` must be a string \(for every bank\) or a list of 2"):
+        merge_banks([tmp_path / "a", tmp_path / "b"], tmp_path / "n", subfolder=["banks/first"])
+    with pytest.raises(TypeError, match=r"every entry of `banks` must be a folder or a Hub repo id"):
+        merge_banks([tmp_path / "a", 3], tmp_path / "n")
+    assert not (tmp_path / "n").exists()
+
+
 def test_remove_task_equals_never_having_learned_it(tmp_path):
-    full = _bank(["alpha", "beta", "gamma"], tmp_path / "full", general=True)
-    never = _bank(["alpha", "gamma"], tmp_path / "never", general=True)
+    full = _bank(["alpha", "beta", "gamma"], tmp_path / "full", general=True, **TOY_POOLING)
+    never = _bank(["alpha", "gamma"], tmp_path / "never", general=True, **TOY_POOLING)
     full.remove_task("beta")
     assert full.tasks == ["alpha", "gamma"]
     assert not any(".beta" in name for name, _ in full.named_parameters())

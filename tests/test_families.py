@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
+from conftest import TOY_POOLING
 import torch
 from torch import nn
 
@@ -149,7 +150,7 @@ def build_base(family: Family, seed: int = 0) -> nn.Module:
 
 def asr_config(family: Family, **overrides) -> ASRConfig:
     kwargs = dict(task_type=family.task_type, r=4, lora_alpha=8, target_modules=list(family.targets),
-                  router_layer=ROUTER_LAYER)
+                  router_layer=ROUTER_LAYER, **TOY_POOLING)
     kwargs.update(overrides)
     return ASRConfig(**kwargs)
 

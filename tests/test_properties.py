@@ -126,15 +126,16 @@ def test_garbage_bytes_as_config_raise_only_our_errors(raw):
     num_tasks=st.integers(1, 4),
     dim=st.integers(2, 8),
     ridge=st.sampled_from([1e-2, 1.0, 100.0]),
+    head=st.sampled_from(["ridge", "lda"]),
     data=st.data(),
 )
-def test_router_is_invariant_to_chunking_and_task_order(seed, num_tasks, dim, ridge, data):
+def test_router_is_invariant_to_chunking_and_task_order(seed, num_tasks, dim, ridge, head, data):
     gen = torch.Generator().manual_seed(seed)
     samples = [torch.randn(int(torch.randint(1, 12, (1,), generator=gen)), dim, generator=gen, dtype=torch.float64)
                + 3 * torch.randn(1, dim, generator=gen, dtype=torch.float64) for _ in range(num_tasks)]
     general = torch.randn(5, dim, generator=gen, dtype=torch.float64)
 
-    reference = AnalyticRouter(in_features=dim, num_classes=num_tasks + 1, ridge=ridge)
+    reference = AnalyticRouter(in_features=dim, num_classes=num_tasks + 1, ridge=ridge, head=head)
     reference.partial_fit(general, 0)
     for task, x in enumerate(samples):
         reference.partial_fit(x, task + 1)
@@ -142,7 +143,7 @@ def test_router_is_invariant_to_chunking_and_task_order(seed, num_tasks, dim, ri
 
     # the same data, tasks added in another order (classes appended as they arrive), each split into random chunks
     order = data.draw(st.permutations(range(num_tasks)), label="task order")
-    other = AnalyticRouter(in_features=dim, num_classes=1, ridge=ridge)
+    other = AnalyticRouter(in_features=dim, num_classes=1, ridge=ridge, head=head)
     for position, task in enumerate(order):
         other.add_class()
         x = samples[task]
@@ -158,6 +159,7 @@ def test_router_is_invariant_to_chunking_and_task_order(seed, num_tasks, dim, ri
     columns = [0] + [1 + list(order).index(task) for task in range(num_tasks)]  # other's column of each task
     scale = max(1.0, float(reference.weight.abs().max()))
     assert float((other.weight[:, columns] - reference.weight).abs().max()) <= 1e-9 * scale
+    assert float((other.bias[columns] - reference.bias).abs().max()) <= 1e-9 * max(1.0, float(reference.bias.abs().max()))
     assert torch.equal(other.class_counts[columns], reference.class_counts)
 
 

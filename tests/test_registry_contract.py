@@ -59,8 +59,12 @@ def test_peft_signatures_we_wrap_or_call():
     src = inspect.getsource(PeftModel._enable_peft_forward_hooks)
     assert "base_model._enable_peft_forward_hooks" in src
     for name in ("_pre_injection_hook", "_post_injection_hook", "_create_and_replace", "_prepare_adapter_config",
-                 "_mark_only_adapters_as_trainable", "_check_target_module_exists", "merge_and_unload", "unload"):
+                 "_mark_only_adapters_as_trainable", "_check_target_module_exists", "merge_and_unload", "unload",
+                 "_check_merge_allowed"):
         assert hasattr(BaseTuner, name), name
+    # merge refusals run before any layer changes only if PEFT calls this check from both merge paths
+    for method in (BaseTuner.merge_adapter, BaseTuner._unload_and_optionally_merge):
+        assert "_check_merge_allowed" in inspect.getsource(method), method.__name__
     for name in ("set_adapter", "_freeze_non_trainable_peft_weights", "set_requires_grad", "enable_adapters"):
         assert hasattr(BaseTunerLayer, name), name
 
@@ -118,18 +122,20 @@ def test_generate_and_init_wrappers_and_the_special_forward_arguments():
     assert TASK_NAMES_ARG not in other.special_peft_forward_args
 
 
-def test_peft_state_dict_holds_the_router_under_the_keys_banks_use():
-    """The router is two buffers of the tuner; PEFT's own state-dict hooks save and load them, under the keys the
-    bank's checks read (a bank file format: tests/test_bank_compat.py loads a bank of 0.1.0)."""
+@pytest.mark.parametrize("head, extra", [("ridge", ()), ("lda", ("bias", "precision", "ood_threshold", "ood_counts"))])
+def test_peft_state_dict_holds_the_router_under_the_keys_banks_use(head, extra):
+    """The router is buffers of the tuner; PEFT's own state-dict hooks save and load them, under the keys the bank's
+    checks read (a bank file format: tests/test_bank_compat.py loads a bank of 0.1.0, whose ridge router had two)."""
     import torch
     from conftest import two_task_model
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from peft_asr.bank.files import ROUTER_COUNTS_KEY, ROUTER_WEIGHT_KEY
+    from peft_asr.bank.files import ROUTER_COUNTS_KEY, ROUTER_PREFIX, ROUTER_WEIGHT_KEY
 
-    model = two_task_model()
+    model = two_task_model(router_head=head)
     state = get_peft_model_state_dict(model)
-    assert {k for k in state if "asr_router" in k} == {ROUTER_WEIGHT_KEY, ROUTER_COUNTS_KEY}
+    assert {k for k in state if "asr_router" in k} == {ROUTER_WEIGHT_KEY, ROUTER_COUNTS_KEY} | {
+        ROUTER_PREFIX + name for name in extra}
     changed = {k: v.clone() for k, v in state.items()}
     changed[ROUTER_WEIGHT_KEY] += 1.0
     set_peft_model_state_dict(model, changed)

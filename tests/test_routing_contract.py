@@ -172,12 +172,12 @@ def test_generate_in_training_mode_routes(model, rows):
 
 
 def test_generate_after_trainer_train_routes(tmp_path):
-    from conftest import PromptAnswerData, collate
+    from conftest import TOY_POOLING, PromptAnswerData, collate
     from transformers import Trainer, TrainingArguments
 
     from peft_asr import ASRCallback
 
-    model = two_task_model()
+    model = two_task_model(**TOY_POOLING)  # gamma has 8 prompts
     model.add_task("gamma")
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none",
                              save_strategy="no", use_cpu=True, learning_rate=1e-2)

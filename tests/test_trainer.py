@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALPHA_IDS, BETA_IDS, PromptAnswerData, collate, left_pad, prompts, tiny_llama
+from conftest import TOY_POOLING, ALPHA_IDS, BETA_IDS, PromptAnswerData, collate, left_pad, prompts, tiny_llama
 from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
@@ -22,7 +22,8 @@ def _args(out, **kw):
 
 def _model():
     return get_peft_model(tiny_llama(), ASRConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
-                                                  target_modules=["q_proj", "v_proj"], router_layer=2))
+                                                  target_modules=["q_proj", "v_proj"], router_layer=2,
+                                                  **TOY_POOLING))  # 24 prompts per task
 
 
 DATA = {"alpha": PromptAnswerData(*ALPHA_IDS, 24, seed=1), "beta": PromptAnswerData(*BETA_IDS, 24, seed=2)}

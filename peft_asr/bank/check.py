@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from ..tuner import rls
 from ..tuner.config import ASRConfig
 from ..tuner.errors import BankError
 from ..tuner.router import statistics_problem
@@ -66,7 +67,7 @@ def check_bank(folder: str) -> tuple[ASRConfig, Optional[dict[str, torch.Tensor]
             raise BankError(f"{weights} has no router weight ({ROUTER_WEIGHT_KEY}); it is not an ASR bank's weights file.")
         weight = handle.get_tensor(ROUTER_WEIGHT_KEY)
         counts = handle.get_tensor(ROUTER_COUNTS_KEY)
-    dim = config.feature_dim or config.base_hidden_size
+    dim = config.router_dim
     classes = config.num_tasks + 1
     if dim is not None and (tuple(weight.shape) != (dim, classes) or weight.dtype != torch.float64):
         raise BankError(
@@ -98,10 +99,18 @@ def _check_statistics(path: str, stats: dict, config: ASRConfig, weight: torch.T
             f"{counts.tolist()}): they come from different saves. Delete the statistics file to load the bank for "
             "routing only."
         )
-    # the saved weight solves (G + ridge I) W = C: check the residual instead of re-solving (O(E^2 K), not O(E^3))
+    # the saved weight solves (G + ridge I) W = C, or S W = means for the discriminant (rls.lda_system): check the
+    # residual instead of re-solving (O(E^2 K), not O(E^3))
     gram = stats["class_gram"].sum(0)
-    residual = gram @ weight + config.ridge * weight - stats["cross"]  # (E, K)
-    scale = (gram.norm() + config.ridge) * weight.norm() + stats["cross"].norm()
+    if not bool((stats["class_counts"] > 0).any()):  # nothing fitted: the saved solution of no data is zero
+        system, rhs = torch.eye(gram.shape[0], dtype=gram.dtype), torch.zeros_like(stats["cross"])
+    elif config.router_head == "lda":
+        system, rhs = rls.lda_system(gram, stats["cross"], stats["class_counts"], config.router_shrinkage)
+    else:
+        system = gram + config.ridge * torch.eye(gram.shape[0], dtype=gram.dtype)
+        rhs = stats["cross"]
+    residual = system @ weight - rhs  # (E, K)
+    scale = system.norm() * weight.norm() + rhs.norm()
     if not float(residual.norm()) <= 1e-8 * float(scale):
         raise BankError(
             f"{path} does not match the router weight saved in the bank (they come from different saves); "

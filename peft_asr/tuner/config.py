@@ -14,6 +14,7 @@ from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME, PeftType
 
 from .errors import ASRConfigError, ASRConfigTypeError
+from .features import POOLINGS
 from .paths import adapter_folder, hub_download_kwargs
 
 __all__ = ["ASRConfig", "BASE_ROUTE", "ASR_TYPE", "is_task_name", "validate_task_name", "FORMAT_VERSION", "read_config_json", "check_config_dict"]
@@ -79,11 +80,25 @@ class ASRConfig(PeftConfig):
         ridge (`float`, *optional*, defaults to `1.0`):
             Ridge (L2) regularisation of the router. Too small overfits and makes the system ill conditioned; too large
             blurs similar tasks. The right value depends on the feature scale; see docs/router_defaults.md.
+        router_pooling (`str`, *optional*, defaults to `"mean_last"`):
+            How the hidden states of a prompt become one router feature: `"mean_last"`, the mean over the prompt's
+            tokens next to the state of its last token (which has read the whole prompt; features of width
+            2 x hidden size), or `"mean"`, the mean alone, as in the paper. Both come from the same pass.
+        router_head (`str`, *optional*, defaults to `"lda"`):
+            How the router turns features into a task: `"lda"`, a linear discriminant with one covariance shared by
+            all tasks, shrunk by `router_shrinkage` (measured best: docs/router_defaults.md), or `"ridge"`, ridge
+            regression onto one-hot task ids as in the paper. Both are solved from the same statistics, so both stay
+            exact under any chunking, task order, merging and task removal.
+        router_shrinkage (`float`, *optional*, defaults to `0.1`):
+            Shrinkage of the `"lda"` covariance towards a multiple of the identity, in (0, 1]; scale-free, unlike
+            `ridge`, which the `"ridge"` head uses instead.
         router_seed (`int`, *optional*, defaults to `0`):
             Seed of the random expansion; banks merged together must share it.
         confidence_threshold (`float`, *optional*, defaults to `None`):
-            Rows whose best task score is below this are answered by the plain base model. Ridge scores are about 1
-            for a prompt like the training prompts and near 0 for unrelated ones; 0.5 is a reasonable start.
+            Rows whose best task score is below this are answered by the plain base model: with the `"lda"` head the
+            score is the task's posterior probability, with `"ridge"` the raw score (about 1 for a prompt like the
+            training prompts, near 0 for unrelated ones); 0.5 is a reasonable start. For prompts unlike every task,
+            `model.calibrate_base_route(held_out_batches, false_positive_rate)` is the calibrated alternative.
         tasks (`list[str]`, *optional*):
             The tasks in the bank, in the order they were added. Filled by `add_task`; saved so that a reload creates
             every subspace before its weights are read. Do not edit by hand.
@@ -120,6 +135,13 @@ class ASRConfig(PeftConfig):
     )
     activation: Literal["none", "relu"] = field(default="none", metadata={"help": "'relu' or 'none' after expansion."})
     ridge: float = field(default=1.0, metadata={"help": "Ridge regularisation of the router (> 0)."})
+    router_pooling: Literal["mean_last", "mean"] = field(
+        default="mean_last", metadata={"help": "'mean_last' (prompt mean and last prompt token) or 'mean' (the paper's)."}
+    )
+    router_head: Literal["lda", "ridge"] = field(
+        default="lda", metadata={"help": "'lda' (shared-covariance discriminant) or 'ridge' (the paper's router)."}
+    )
+    router_shrinkage: float = field(default=0.1, metadata={"help": "Covariance shrinkage of the 'lda' head, in (0, 1]."})
     router_seed: int = field(default=0, metadata={"help": "Seed of the random expansion (must match to merge banks)."})
     confidence_threshold: Optional[float] = field(
         default=None, metadata={"help": "Rows whose best task score is below this use the plain base model."}
@@ -167,6 +189,12 @@ class ASRConfig(PeftConfig):
         if self.activation not in ("none", "relu"):
             raise ASRConfigError(f"`activation` must be 'none' or 'relu', got {self.activation!r}.")
         self._check_number("ridge", self.ridge, "a number > 0", lambda v: v > 0, hint=" try 1.0.")
+        if self.router_pooling not in POOLINGS:
+            raise ASRConfigError(f"`router_pooling` must be one of {sorted(POOLINGS)}, got {self.router_pooling!r}.")
+        if self.router_head not in ("lda", "ridge"):
+            raise ASRConfigError(f"`router_head` must be 'lda' or 'ridge', got {self.router_head!r}.")
+        self._check_number("router_shrinkage", self.router_shrinkage, "in (0, 1]", lambda v: 0 < v <= 1,
+                           hint=" try 0.1.")
         self._check_int("router_seed", self.router_seed, minimum=0)
         if self.router_seed >= 2**63:
             raise ASRConfigError(f"`router_seed` must be below 2**63, got {self.router_seed!r}.")
@@ -272,8 +300,9 @@ class ASRConfig(PeftConfig):
     def from_json_dict(cls, data: object, source: str = "adapter_config.json") -> "ASRConfig":
         """Build a config from the parsed JSON of a bank, refusing unknown and missing keys."""
         ignored = check_config_dict(data, source)
+        values = {**ADDED_FIELDS, **{k: v for k, v in data.items() if k not in ignored}}  # earlier banks: as before
         try:
-            return cls(**{k: v for k, v in data.items() if k not in ignored})
+            return cls(**values)
         except ASRConfigError:
             raise
         except (TypeError, ValueError) as err:  # a check PEFT adds in a later version: still our error class
@@ -283,11 +312,23 @@ class ASRConfig(PeftConfig):
     def num_tasks(self) -> int:
         return len(self.tasks)
 
+    @property
+    def router_in_features(self) -> Optional[int]:
+        """Width of the pooled router input (hidden size x the pooling's width); ``None`` before wrapping."""
+        return None if self.base_hidden_size is None else self.base_hidden_size * POOLINGS[self.router_pooling]
+
+    @property
+    def router_dim(self) -> Optional[int]:
+        """``E``: width of the router feature (``feature_dim``, or the pooled input without an expansion)."""
+        return self.feature_dim or self.router_in_features
+
 
 # fields of PEFT's base config: optional in a saved bank (their set varies with the PEFT version that wrote it)
 _PEFT_FIELDS = frozenset(f.name for f in fields(PeftConfig))
 # fields of ASRConfig itself: the library always writes all of them, so a bank missing one was not written by it
 _ASR_FIELDS = frozenset(f.name for f in fields(ASRConfig)) - _PEFT_FIELDS
+# fields added after the first release, with the value that reproduces how earlier banks (which lack them) route
+ADDED_FIELDS = {"router_pooling": "mean", "router_head": "ridge", "router_shrinkage": 0.1}
 
 
 def read_config_json(path: str) -> dict:
@@ -340,7 +381,7 @@ def check_config_dict(data: object, source: str = "adapter_config.json") -> froz
             f"{source} has unknown keys {unknown}: it was written by a newer peft-asr/peft (upgrade: "
             "`pip install -U peft-asr`) or edited by hand (remove them)."
         )
-    missing = sorted(_ASR_FIELDS - set(data))
+    missing = sorted(_ASR_FIELDS - set(data) - set(ADDED_FIELDS))
     if missing:
         raise ASRConfigError(
             f"{source} lacks the keys {missing}; peft-asr writes every field, so the file is incomplete or was not "

@@ -30,7 +30,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-__all__ = ["prompt_mask", "masked_mean", "positions_from_mask", "is_packed", "unpack_rows", "IGNORE_INDEX"]
+__all__ = ["prompt_mask", "masked_mean", "masked_last", "pool", "POOLINGS", "positions_from_mask", "is_packed",
+           "unpack_rows", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -198,3 +199,36 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor, *, strict: bool = True
             part = transform(part)
         summed += (part.to(torch.float64) * weights[:, start:start + step]).sum(dim=1)  # (B, l, d) -> (B, d)
     return summed / counts.to(torch.float64).unsqueeze(-1)  # (B, d); 0 / 0 = NaN for an empty row (strict=False)
+
+
+def masked_last(hidden: torch.Tensor, mask: torch.Tensor, *,
+                transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """The hidden state at each row's last masked position: (B, L, d) -> (B, d) float64, ``transform`` applied to
+    those B vectors only. A row with no masked position gives NaN (the router sends it to the base route); callers
+    that must refuse such rows check them with :func:`masked_mean` (``strict``), which runs first. No host read."""
+    batch, length, _ = hidden.shape
+    positions = torch.arange(1, length + 1, device=mask.device)  # (L,) 1-based, so an empty row gives index 0
+    index = (mask.long() * positions).argmax(dim=1)  # (B,) last masked position (0 for an empty row)
+    last = hidden[torch.arange(batch, device=hidden.device), index.to(hidden.device)].unsqueeze(1)  # (B, 1, d)
+    if transform is not None:
+        last = transform(last)
+    last = last.squeeze(1).to(torch.float64)
+    empty = ~mask.bool().any(dim=1).to(hidden.device)  # (B,)
+    return last.masked_fill(empty.unsqueeze(-1), float("nan"))
+
+
+# the router's poolings of the prompt: the masked mean (the paper's), or that mean next to the last prompt token,
+# whose state has read the whole prompt (measured in docs/router_defaults.md); the feature is (B, d) or (B, 2d)
+POOLINGS = {"mean": 1, "mean_last": 2}
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str = "mean", *, strict: bool = True,
+         transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """The router feature of every row: (B, L, d) -> (B, POOLINGS[pooling] * d) float64 (see :func:`masked_mean`
+    for ``strict`` and ``transform``)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"`pooling` must be one of {sorted(POOLINGS)}, got {pooling!r}.")
+    mean = masked_mean(hidden, mask, strict=strict, transform=transform)
+    if pooling == "mean":
+        return mean
+    return torch.cat([mean, masked_last(hidden, mask, transform=transform)], dim=1)  # (B, 2d)

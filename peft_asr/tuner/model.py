@@ -27,14 +27,16 @@ from transformers.pytorch_utils import Conv1D
 from .config import BASE_ROUTE, ASRConfig, validate_task_name
 from .blocks import find_blocks, find_final_norm
 from .layer import ASRLayer, Linear
+from .merging import check_mergeable
 from .router import AnalyticRouter
 from .hooks import routing_hooks
 from .routing import plan_call
 from .shallow import RouterFeaturesMixin
+from .export import ExportMixin
 
 __all__ = ["ASRModel"]
 
-class ASRModel(RouterFeaturesMixin, BaseTuner):
+class ASRModel(RouterFeaturesMixin, ExportMixin, BaseTuner):
     """Analytic Subspace Routing (Any-SSR) tuner: per-task LoRA subspaces in the deep blocks and an analytic router.
 
     Created by ``get_peft_model(model, ASRConfig(...))`` (after ``import peft_asr``); its public methods are reachable
@@ -96,16 +98,7 @@ class ASRModel(RouterFeaturesMixin, BaseTuner):
         self._blocks_name = blocks_name
 
     def _post_injection_hook(self, model: nn.Module, config: ASRConfig, adapter_name: str) -> None:
-        router = AnalyticRouter(
-            in_features=config.base_hidden_size,
-            num_classes=config.num_tasks + 1,
-            feature_dim=config.feature_dim,
-            activation=config.activation,
-            ridge=config.ridge,
-            seed=config.router_seed,
-            confidence_threshold=config.confidence_threshold,
-            per_class_statistics=config.per_task_statistics,
-        )
+        router = AnalyticRouter.from_config(config)
         device = next(model.parameters()).device
         self.asr_router = nn.ModuleDict({adapter_name: router.to(device)})
         self._training_task: Optional[str] = None
@@ -146,8 +139,8 @@ class ASRModel(RouterFeaturesMixin, BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, (nn.Linear, Conv1D)):
             raise TypeError(
-                f"target module `{current_key}` is a {type(base).__name__}; ASR adapts `torch.nn.Linear` and "
-                "`Conv1D` layers only. Choose other `target_modules`."
+                f"target module `{current_key}` is a {type(base).__name__}; ASR adapts `torch.nn.Linear` (bitsandbytes "
+                "4-bit / 8-bit layers included) and `Conv1D` layers only. Choose other `target_modules`."
             )
         new = Linear(target, adapter_name, config.r, config.lora_alpha, config.lora_dropout, config.tasks)
         self._replace_module(parent, target_name, new, target)
@@ -375,20 +368,21 @@ class ASRModel(RouterFeaturesMixin, BaseTuner):
             yield
 
     # ------------------------------------------------------------------ merging / unloading
+    def _check_merge_allowed(self) -> None:
+        """Before ``merge_adapter`` / ``merge_and_unload`` change any layer: PEFT's checks, then ours (``merging``)."""
+        super()._check_merge_allowed()
+        layers = ((name, m) for name, m in self.model.named_modules() if isinstance(m, ASRLayer))
+        check_mergeable(layers, self._pinned[-1] if self._pinned else None)
+
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None,
                          task: Optional[str] = None) -> nn.Module:
         """Merge one task's subspace into the base weights and return the plain model.
 
         The task is ``task`` or the one pinned by ``use_task``; a bank as a whole cannot be merged (it routes).
+        Float bases, and bitsandbytes 4-bit / 8-bit ones (merged and quantized again, see ``tuner.merging``).
         """
         if task is not None:
             self._check_task(task)
             with self.use_task(task):
                 return self.merge_and_unload(progressbar, safe_merge, adapter_names)
-        pinned = self._pinned[-1] if self._pinned else None
-        if pinned is None or pinned == BASE_ROUTE:
-            raise ValueError(
-                "an ASR bank routes each input to its own task, so it cannot be merged as a whole; pin one task: "
-                "`model.merge_and_unload(task='name')` or `with model.use_task('name'): model.merge_and_unload()`."
-            )
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)

@@ -48,6 +48,9 @@ __all__ = [
     "woodbury_update",
     "joint_solve",
     "one_hot",
+    "lda_solve",
+    "lda_system",
+    "conformal_threshold",
 ]
 
 
@@ -105,6 +108,26 @@ def accumulate(
     return gram, cross
 
 
+def _cholesky(a: torch.Tensor, what: str, setting: str = "") -> torch.Tensor:
+    """Cholesky factor of the symmetric system ``a``, refusing a non positive definite or numerically singular one
+    (``setting``, e.g. ``"ridge=0.1"``, is named in the message)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        named = f" ({setting})" if setting else ""
+        raise RouterNumericalError(f"The router system {what} is not positive definite{named}. {_HINT}")
+    # cond(A) >= (max diag L / min diag L)^2 for A = L L^T. Past ~1/eps the solve returns finite but meaningless
+    # numbers (a tiny ridge on colinear features): refuse instead of routing on round-off.
+    diag = chol.diagonal()
+    cond_lower_bound = float((diag.max() / diag.min()) ** 2)
+    if not cond_lower_bound < MAX_CONDITION:
+        named = f"; {setting}" if setting else ""
+        raise RouterNumericalError(
+            f"The router system {what} is numerically singular (condition number >= {cond_lower_bound:.1e}, "
+            f"limit {MAX_CONDITION:.0e}{named}): the features are (nearly) colinear and too little regularised. {_HINT}"
+        )
+    return chol
+
+
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
     """Solve eq. (1) from the statistics: ``W = (G + ridge I)^-1 C`` by Cholesky. Returns (E, K) float64."""
     _check_float64("gram", gram)
@@ -113,23 +136,79 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.
     check_finite("gram", gram)
     check_finite("cross", cross)
     a = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:
-        raise RouterNumericalError(f"The router system G + ridge*I is not positive definite (ridge={ridge}). {_HINT}")
-    # cond(A) >= (max diag L / min diag L)^2 for A = L L^T. Past ~1/eps the solve returns finite but meaningless
-    # numbers (a tiny ridge on colinear features): refuse instead of routing on round-off.
-    diag = chol.diagonal()
-    cond_lower_bound = float((diag.max() / diag.min()) ** 2)
-    if not cond_lower_bound < MAX_CONDITION:
-        raise RouterNumericalError(
-            f"The router system G + ridge*I is numerically singular (condition number >= {cond_lower_bound:.1e}, "
-            f"limit {MAX_CONDITION:.0e}; ridge={ridge}): the features are (nearly) colinear and the ridge is too small "
-            f"to regularise them. {_HINT}"
-        )
+    chol = _cholesky(a, "G + ridge*I", f"ridge={ridge}")
     # row-major like a weight read back from disk, so routing after a reload runs the same kernel bit for bit
     weight = torch.cholesky_solve(cross, chol).contiguous()
     check_finite("router weight", weight)
     return weight
+
+
+def lda_system(gram: torch.Tensor, cross: torch.Tensor, counts: torch.Tensor, shrinkage: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The system of :func:`lda_solve`: the shrunk covariance ``S`` (E x E) and the class means (E x K, zero columns
+    for classes without samples), so that ``W = S^-1 means``."""
+    for name, t in (("gram", gram), ("cross", cross), ("counts", counts)):
+        _check_float64(name, t)
+        check_finite(name, t)
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 < shrinkage <= 1:
+        raise ValueError(f"`shrinkage` must be in (0, 1], got {shrinkage!r}; try 0.1.")
+    fitted = counts > 0  # (K,)
+    safe = torch.where(fitted, counts, torch.ones_like(counts))
+    means = cross / safe  # (E, K); zero columns where a class has no sample
+    scatter = gram - (cross * fitted) @ means.T  # (E, E): G - sum_k s_k s_k^T / n_k
+    dof = max(float(counts.sum()) - int(fitted.sum()), 1.0)
+    sigma = 0.5 * (scatter + scatter.T) / dof
+    scale = float(sigma.diagonal().sum()) / sigma.shape[0]
+    if not scale > 0:
+        raise RouterNumericalError(
+            "The router's features do not vary within any class (the within-class covariance is zero), so a "
+            "discriminant cannot be formed; fit more than one distinct prompt per task."
+        )
+    shrunk = (1.0 - shrinkage) * sigma + shrinkage * scale * torch.eye(sigma.shape[0], dtype=sigma.dtype,
+                                                                        device=sigma.device)
+    return shrunk, means
+
+
+def lda_solve(gram: torch.Tensor, cross: torch.Tensor, counts: torch.Tensor, shrinkage: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear discriminant analysis with a shared, shrunk covariance, from the statistics of eq. (2).
+
+    With one-hot targets the columns of ``C`` are the per-class sums ``s_k`` and ``counts`` the ``n_k``, so the class
+    means ``mu_k = s_k / n_k`` and the pooled within-class covariance
+
+        Sigma = (G - sum_k s_k s_k^T / n_k) / (N - K')        (K' classes with samples, N samples)          (6)
+
+    come from the same sums as the ridge solve: the discriminant is as exact, order-free, mergeable and removable.
+    It is shrunk towards a multiple of the identity, ``S = (1 - a) Sigma + a (tr(Sigma) / E) I`` (``a`` =
+    ``shrinkage`` in (0, 1]), which needs no scale to be chosen: multiplying the features by a constant leaves the
+    decisions unchanged. The score of class k for a feature ``phi`` is the Gaussian log-likelihood up to a term common
+    to all classes, with equal priors (a task's share of the stream says nothing about the next prompt):
+
+        score_k(phi) = phi^T S^-1 mu_k - mu_k^T S^-1 mu_k / 2 = (phi^T S^-1 phi - D_k(phi)) / 2                 (7)
+
+    where ``D_k`` is the squared Mahalanobis distance to ``mu_k``. Classes without samples get a zero column (the
+    router masks them). Returns ``(W (E x K), bias (K,), S^-1 (E x E))``, float64.
+    """
+    shrunk, means = lda_system(gram, cross, counts, shrinkage)
+    chol = _cholesky(shrunk, "of the shrunk within-class covariance")
+    weight = torch.cholesky_solve(means, chol).contiguous()  # (E, K) = S^-1 mu
+    bias = -0.5 * (means * weight).sum(dim=0)  # (K,)
+    precision = torch.cholesky_inverse(chol)
+    precision = (0.5 * (precision + precision.T)).contiguous()
+    check_finite("router weight", weight)
+    return weight, bias, precision
+
+
+def conformal_threshold(scores: torch.Tensor, false_positive_rate: float) -> float:
+    """The threshold that at most a share ``false_positive_rate`` of new scores from the distribution of ``scores``
+    exceed, in expectation: the ``ceil((n + 1)(1 - rate))``-th smallest of the n calibration scores (split
+    conformal); ``inf`` when there are too few scores for that rate (fewer than ``1 / rate - 1``)."""
+    if isinstance(false_positive_rate, bool) or not isinstance(false_positive_rate, (int, float)) \
+            or not 0 < false_positive_rate < 1:
+        raise ValueError(f"`false_positive_rate` must be in (0, 1), got {false_positive_rate!r}; try 0.005.")
+    n = scores.numel()
+    rank = math.ceil((n + 1) * (1 - false_positive_rate))
+    return float("inf") if rank > n else float(scores.flatten().sort().values[rank - 1])
 
 
 def woodbury_init(dim: int, num_classes: int, ridge: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 from . import rls
+from .base_route import BaseRouteMixin
 
-__all__ = ["AnalyticRouter", "BASE_CLASS", "statistics_problem"]
+__all__ = ["AnalyticRouter", "BASE_CLASS", "HEADS", "statistics_problem"]
 
 BASE_CLASS = 0  # column of the "general" route that sends a row to the plain base model
+HEADS = ("ridge", "lda")  # ridge regression onto one-hot targets (the paper); shared-covariance discriminant
 _STATISTICS = ("class_gram", "cross", "class_counts")
 
 
@@ -56,7 +58,7 @@ def statistics_problem(stats: dict, dim: int, classes: int, per_class: bool) -> 
     return None
 
 
-class AnalyticRouter(nn.Module):
+class AnalyticRouter(BaseRouteMixin, nn.Module):
     """Ridge-regression task classifier on frozen features, trained task by task without keeping data.
 
     Args:
@@ -80,6 +82,8 @@ class AnalyticRouter(nn.Module):
         seed: int = 0,
         confidence_threshold: Optional[float] = None,
         per_class_statistics: bool = True,
+        head: str = "ridge",
+        shrinkage: float = 0.1,
     ) -> None:
         super().__init__()
         for name, value, minimum in (("in_features", in_features, 1), ("num_classes", num_classes, 1),
@@ -89,6 +93,12 @@ class AnalyticRouter(nn.Module):
         if activation not in ("none", "relu"):
             raise ValueError(f"`activation` must be 'none' or 'relu', got {activation!r}.")
         rls._check_ridge(ridge)
+        if head not in HEADS:
+            raise ValueError(f"`head` must be one of {HEADS}, got {head!r}.")
+        if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 < shrinkage <= 1:
+            raise ValueError(f"`shrinkage` must be in (0, 1], got {shrinkage!r}; try 0.1.")
+        self.head = head
+        self.shrinkage = float(shrinkage)
         self.in_features = int(in_features)
         self.feature_dim = int(feature_dim) if feature_dim is not None else None
         self.activation = activation
@@ -104,6 +114,17 @@ class AnalyticRouter(nn.Module):
             self.projection = None
         self.register_buffer("weight", torch.zeros(dim, num_classes, **f64))
         self.register_buffer("class_counts", torch.zeros(num_classes, **f64))
+        # the discriminant's per-class offsets and the precision S^-1 its distances use (eq. (7) of rls); saved only
+        # with that head, so banks of the ridge head keep the files of earlier versions
+        lda = self.head == "lda"
+        self.register_buffer("bias", torch.zeros(num_classes, **f64), persistent=lda)
+        self.register_buffer("precision", torch.zeros((dim, dim) if lda else (0, 0), **f64), persistent=lda)
+        # the calibrated base route (`calibrate_base_route`): rows farther than this from every task go to the base
+        # model; `ood_counts` are the class counts it was calibrated at (other counts: it no longer applies)
+        self.register_buffer("ood_threshold", torch.full((1,), float("inf"), **f64), persistent=lda)
+        self.register_buffer("ood_counts", torch.zeros(num_classes, **f64), persistent=lda)
+        self._ood_key: Optional[tuple] = None
+        self._ood_live = False
         grams = num_classes if self.per_class_statistics else 1
         self.register_buffer("class_gram", torch.zeros(grams, dim, dim, **f64), persistent=False)
         self.register_buffer("cross", torch.zeros(dim, num_classes, **f64), persistent=False)
@@ -115,6 +136,15 @@ class AnalyticRouter(nn.Module):
         self._dirty = False
         self._fitted_key: Optional[tuple] = None  # host-side cache of `is_fitted` (see there)
         self._fitted = False
+
+    @classmethod
+    def from_config(cls, config) -> "AnalyticRouter":
+        """The router an :class:`~peft_asr.ASRConfig` describes (wrapped, so its base hidden size is known)."""
+        return cls(in_features=config.router_in_features, num_classes=config.num_tasks + 1,
+                   feature_dim=config.feature_dim, activation=config.activation, ridge=config.ridge,
+                   seed=config.router_seed, confidence_threshold=config.confidence_threshold,
+                   per_class_statistics=config.per_task_statistics, head=config.router_head,
+                   shrinkage=config.router_shrinkage)
 
     @property
     def dim(self) -> int:
@@ -165,6 +195,8 @@ class AnalyticRouter(nn.Module):
         self.weight = torch.cat([self.weight, self.weight.new_zeros(self.dim, 1)], dim=1)
         self.cross = torch.cat([self.cross, self.cross.new_zeros(self.dim, 1)], dim=1)
         self.class_counts = torch.cat([self.class_counts, self.class_counts.new_zeros(1)])
+        self.bias = torch.cat([self.bias, self.bias.new_zeros(1)])
+        self.ood_counts = torch.cat([self.ood_counts, self.ood_counts.new_zeros(1)])
         if self.per_class_statistics:
             self.class_gram = torch.cat([self.class_gram, self.class_gram.new_zeros(1, self.dim, self.dim)])
         return self.num_classes - 1
@@ -185,6 +217,8 @@ class AnalyticRouter(nn.Module):
         self.cross = self.cross[:, keep].contiguous()
         self.class_counts = self.class_counts[keep].contiguous()
         self.weight = self.weight[:, keep].contiguous()
+        self.bias = self.bias[keep].contiguous()
+        self.ood_counts = self.ood_counts[keep].contiguous()
         # summed again rather than subtracted: subtracting a class that dominates the total would leave the
         # remaining classes' sum with the rounding error of the removed one
         self._retotal()
@@ -259,7 +293,14 @@ class AnalyticRouter(nn.Module):
     def solve(self) -> "AnalyticRouter":
         """Re-solve ``weight`` from the statistics (Cholesky, float64). A no-op when nothing changed."""
         if self._dirty:
-            self.weight = rls.ridge_solve(self.gram, self.cross, self.ridge)
+            if self.head == "lda" and not bool((self.class_counts > 0).any()):
+                # nothing fitted (an empty bank being saved): the zero solution of no data, as the ridge gives
+                self.weight, self.bias = torch.zeros_like(self.weight), torch.zeros_like(self.bias)
+            elif self.head == "lda":
+                self.weight, self.bias, self.precision = rls.lda_solve(self.gram, self.cross, self.class_counts,
+                                                                       self.shrinkage)
+            else:
+                self.weight = rls.ridge_solve(self.gram, self.cross, self.ridge)
             self._dirty = False
         return self
 
@@ -276,14 +317,15 @@ class AnalyticRouter(nn.Module):
         return self._fitted
 
     def scores(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Ridge scores ``phi @ W``: (B, d) -> (B, K) float64. Classes never fitted score ``-inf``."""
+        """Scores ``phi @ W + b``: (B, d) -> (B, K) float64 (``b`` is zero for the ridge head). Classes never fitted
+        score ``-inf``."""
         if not self.is_fitted:
             raise RuntimeError(
                 "the router has not been fitted on any task yet: call `fit_router(batches, task=...)` (the Trainer "
                 "callback `ASRCallback` does it at the end of training), or pin a task with `use_task(name)`."
             )
         self.solve()
-        scores = self.expand(pooled) @ self.weight  # (B, E) @ (E, K) -> (B, K)
+        scores = self.expand(pooled) @ self.weight + self.bias  # (B, E) @ (E, K) -> (B, K)
         unfitted = self.class_counts == 0  # (K,)
         return scores.masked_fill(unfitted, float("-inf"))
 
@@ -292,8 +334,12 @@ class AnalyticRouter(nn.Module):
         scores = self.scores(pooled)  # (B, K)
         best = scores.argmax(dim=1)  # (B,)
         if self.confidence_threshold is not None:
-            task_best = scores[:, 1:].max(dim=1).values  # (B,) best score among tasks
+            # ridge: the raw best task score; lda: the best task's posterior probability (equal priors)
+            confidence = scores.softmax(dim=1) if self.head == "lda" else scores
+            task_best = confidence[:, 1:].max(dim=1).values  # (B,)
             best = torch.where(task_best < self.confidence_threshold, torch.zeros_like(best), best)
+        if self.head == "lda" and self._ood_applies():
+            best = torch.where(self.distance(pooled) > self.ood_threshold, torch.zeros_like(best), best)
         # A NaN feature (an overflowed fp16 hidden state) would make argmax pick a task at random: such rows go to the
         # base route instead. No host sync here (this runs inside every routed forward); `ASRModel.route` raises.
         finite = torch.isfinite(pooled).all(dim=1).to(best.device)  # (B,)
@@ -340,5 +386,5 @@ class AnalyticRouter(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, feature_dim={self.feature_dim}, activation={self.activation!r}, "
-            f"ridge={self.ridge}, classes={self.num_classes}"
+            f"head={self.head!r}, ridge={self.ridge}, shrinkage={self.shrinkage}, classes={self.num_classes}"
         )

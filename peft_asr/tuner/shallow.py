@@ -21,15 +21,101 @@ from tqdm.auto import tqdm
 
 from .call_inputs import hidden_from_call
 from .config import BASE_ROUTE
-from .features import is_packed, masked_mean, positions_from_mask, prompt_mask, unpack_rows
+from .features import is_packed, pool, positions_from_mask, prompt_mask, unpack_rows
 from .router import BASE_CLASS
 from .validation import check_batch, check_batches, check_features
 
-__all__ = ["RouterFeaturesMixin"]
+__all__ = ["RouterFeaturesMixin", "feature_pass", "pool_prompt", "derives_positions"]
 
 
 class _StopForward(Exception):
     """Raised by the feature hook to end a forward pass after the shallow blocks (the deep ones never run)."""
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def pool_prompt(hidden: torch.Tensor, inputs: Mapping[str, Any], final_norm: nn.Module,
+                strict: bool = True, pooling: str = "mean") -> torch.Tensor:
+    """Router input from the hidden state entering the router block: (B, L, d) -> (B, d) float64, or (B, 2d) with
+    ``pooling="mean_last"`` (:func:`peft_asr.tuner.features.pool`).
+
+    ``final_norm`` is applied slice by slice inside the pooling (no normed copy of the whole state). ``strict=False``
+    (the routed forward path): no host sync; a row with no prompt token pools to NaN and is routed to the base model.
+    The prompt rule is :func:`peft_asr.tuner.features.prompt_mask`'s.
+    """
+    mask = prompt_mask(
+        inputs.get("attention_mask"),
+        inputs.get("labels"),
+        inputs.get("prompt_mask"),
+        shape=tuple(hidden.shape[:2]),
+    )
+    with torch.no_grad():
+        return pool(hidden, mask.to(hidden.device), pooling, strict=strict, transform=final_norm)
+
+
+def derives_positions(model_config: Any, generates: bool, feature_module: nn.Module) -> bool:
+    """Whether routing derives ``position_ids`` from the attention mask: decoder-only models that generate
+    (``generate`` derives them so); encoders (BERT, RoBERTa's padding-aware positions, T5's encoder) keep their own
+    defaults, which is what their routed forward runs with too."""
+    return (not getattr(model_config, "is_encoder_decoder", False) and generates
+            and "position_ids" in inspect.signature(feature_module.forward).parameters)
+
+
+def feature_pass(feature_module: nn.Module, router_block: nn.Module, final_norm: nn.Module, model_config: Any,
+                 batch: Mapping[str, Any], *, derive_positions: bool,
+                 vocab_size: Optional[int] = None, pooling: str = "mean") -> torch.Tensor:
+    """Pooled router inputs (B, d) of a batch: one no-grad, eval-mode call of ``feature_module`` that a pre-hook on
+    ``router_block`` ends, so only the blocks before it run (the pass of :meth:`RouterFeaturesMixin.router_features`,
+    for any modules: ``peft_asr.ShallowRouter`` runs it on a model cut below ``router_layer``).
+
+    Args:
+        feature_module: the module whose forward takes the batch (the model; the encoder of a seq2seq model).
+        router_block: the module that receives the hidden state the router reads (block ``router_layer``, or the
+            final norm of a model that ends below it).
+        final_norm: the model's final norm, applied to that state before pooling (``nn.Identity()`` for none).
+        model_config: the model's HF config (``pad_token_id`` for packed rows, ``is_encoder_decoder``).
+        batch: as :meth:`RouterFeaturesMixin.router_features` takes it.
+        derive_positions: derive ``position_ids`` from the attention mask (:func:`derives_positions`).
+        vocab_size: checks ``input_ids`` against it.
+        pooling: the config's ``router_pooling``.
+    """
+    check_batch(batch, vocab_size)
+    device = next(feature_module.parameters()).device
+    tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if is_packed(tensors):
+        tensors = unpack_rows(tensors, getattr(model_config, "pad_token_id", None))  # (B, L) -> (examples, length)
+    if getattr(model_config, "is_encoder_decoder", False):
+        tensors.pop("labels", None)  # decoder targets: they say nothing about which encoder tokens are the prompt
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, args, kwargs):
+        handle.remove()  # once: the router block may be the final norm itself, which the pooling calls
+        captured["pooled"] = pool_prompt(hidden_from_call(args, kwargs), tensors, final_norm, pooling=pooling)
+        raise _StopForward
+
+    call = {k: tensors[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
+            if tensors.get(k) is not None}
+    if "position_ids" not in call and "attention_mask" in call and derive_positions:
+        call["position_ids"] = positions_from_mask(call["attention_mask"])  # as `generate` derives them
+    handle = router_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad(), _eval_mode(feature_module):
+            feature_module(**call)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "pooled" not in captured:
+        raise RuntimeError("the router block was never reached; is `layers_pattern` pointing at the right blocks?")
+    return captured["pooled"]
 
 
 class RouterFeaturesMixin:
@@ -37,29 +123,10 @@ class RouterFeaturesMixin:
     ``bank_config``, ``tasks``, ``_router_block``, ``_final_norm``, ``_feature_module``, ``_device``,
     ``_check_task``)."""
 
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            yield
-        finally:
-            self.model.train(was_training)
-
     def _pool(self, hidden: torch.Tensor, inputs: Mapping[str, Any], strict: bool = True) -> torch.Tensor:
-        """Router input from the hidden state entering the router block: (B, L, d) -> (B, d) float64.
-
-        ``strict=False`` (the routed forward path): no host sync; a row with no prompt token pools to NaN and is
-        routed to the base model. The prompt rule is :func:`peft_asr.tuner.features.prompt_mask`'s.
-        """
-        mask = prompt_mask(
-            inputs.get("attention_mask"),
-            inputs.get("labels"),
-            inputs.get("prompt_mask"),
-            shape=tuple(hidden.shape[:2]),
-        )
-        with torch.no_grad():  # the final norm slice by slice, inside the pooling: no normed copy of the whole state
-            return masked_mean(hidden, mask.to(hidden.device), strict=strict, transform=self._final_norm())
+        """Router input from the hidden state entering the router block: (B, L, d) -> (B, d) float64
+        (:func:`pool_prompt` with the model's final norm)."""
+        return pool_prompt(hidden, inputs, self._final_norm(), strict=strict, pooling=self.bank_config.router_pooling)
 
     def _absolute_positions(self) -> bool:
         """Whether the model adds learned absolute position embeddings (GPT-2 ``wpe``, BERT ``position_embeddings``):
@@ -74,16 +141,11 @@ class RouterFeaturesMixin:
         return self._absolute_positions_found
 
     def _positions_from_mask(self) -> bool:
-        """Whether routing derives ``position_ids`` from the attention mask: decoder-only models that generate
-        (``generate`` derives them so); encoders (BERT, RoBERTa's padding-aware positions, T5's encoder) keep their
-        own defaults, which is what their routed forward runs with too."""
+        """Whether routing derives ``position_ids`` from the attention mask (:func:`derives_positions`)."""
         if not hasattr(self, "_positions_from_mask_found"):
-            config = getattr(self.model, "config", None)
             can_generate = getattr(self.model, "can_generate", None)
-            self._positions_from_mask_found = (
-                not getattr(config, "is_encoder_decoder", False)
-                and callable(can_generate) and can_generate()
-                and "position_ids" in inspect.signature(self._feature_module().forward).parameters
+            self._positions_from_mask_found = derives_positions(
+                getattr(self.model, "config", None), callable(can_generate) and can_generate(), self._feature_module()
             )
         return self._positions_from_mask_found
 
@@ -97,35 +159,10 @@ class RouterFeaturesMixin:
         example first, so the result has one row per example.
         """
         embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        check_batch(batch, getattr(embeddings, "num_embeddings", None))
-        device = self._device()
-        tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if is_packed(tensors):
-            pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
-            tensors = unpack_rows(tensors, pad)  # (B, L) packed -> (examples, max length), one prompt per row
-        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
-            tensors.pop("labels", None)  # decoder targets: they say nothing about which encoder tokens are the prompt
-        captured: dict[str, torch.Tensor] = {}
-
-        def hook(_module, args, kwargs):
-            captured["pooled"] = self._pool(hidden_from_call(args, kwargs), tensors)
-            raise _StopForward
-
-        call = {k: tensors[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
-                if tensors.get(k) is not None}
-        if "position_ids" not in call and "attention_mask" in call and self._positions_from_mask():
-            call["position_ids"] = positions_from_mask(call["attention_mask"])  # as `generate` derives them
-        handle = self._router_block().register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad(), self._eval_mode():
-                self._feature_module()(**call)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if "pooled" not in captured:
-            raise RuntimeError("the router block was never reached; is `layers_pattern` pointing at the right blocks?")
-        return captured["pooled"]
+        return feature_pass(self._feature_module(), self._router_block(), self._final_norm(),
+                            getattr(self.model, "config", None), batch, derive_positions=self._positions_from_mask(),
+                            vocab_size=getattr(embeddings, "num_embeddings", None),
+                            pooling=self.bank_config.router_pooling)
 
     def fit_router(
         self,
@@ -169,6 +206,31 @@ class RouterFeaturesMixin:
             router.restore(before)
             raise
         return self
+
+    def calibrate_base_route(self, batches: Iterable[Mapping[str, Any]], false_positive_rate: float = 0.005, *,
+                             progress: bool = True) -> float:
+        """Send prompts unlike every task to the plain base model, at a false-positive rate you choose.
+
+        ``batches``: held-out prompts of the bank's tasks (not the ones the router was fitted on; any mix of tasks,
+        collated as for :meth:`fit_router`). The threshold on the distance to the nearest task is set so that a
+        share ``false_positive_rate`` of such prompts would go to the base model (split conformal: needs at least
+        ``1 / false_positive_rate`` prompts); prompts farther from every task than that go there. It is saved with
+        the bank and applies until the router learns more (a new task, a removal, a merge): then it is not applied,
+        with a warning, until calibrated again. Needs ``router_head="lda"``. Returns the threshold.
+        """
+        if self.router.head != "lda":
+            raise ValueError("the calibrated base route needs `router_head='lda'` (a distance to the tasks); the "
+                             "ridge head has `confidence_threshold` instead.")
+        check_batches(batches)
+        self.router.solve()
+        distances = []
+        for batch in tqdm(batches, desc="base-route calibration", disable=not progress, leave=False):
+            pooled = self.router_features(batch)
+            check_features(pooled)
+            distances.append(self.router.distance(pooled).cpu())
+        if not distances:
+            raise ValueError("`calibrate_base_route` got no batches; pass held-out prompts of the bank's tasks.")
+        return self.router.calibrate(torch.cat(distances), false_positive_rate)
 
     def route_scores(self, input_ids=None, attention_mask=None, *, include_base: bool = False, **batch) -> torch.Tensor:
         """Router scores (B, T), float64, columns in :attr:`tasks` order (``include_base``: base route first)."""
