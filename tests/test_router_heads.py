@@ -145,6 +145,12 @@ def test_a_threshold_from_older_statistics_is_not_applied_and_says_so():
     assert (decisions != 0).all()  # the discriminant alone decides
     state = router.state_dict()
     assert torch.isfinite(state["ood_threshold"]).all() and not torch.equal(state["ood_counts"], state["class_counts"])
+    # a removal changes the covariance too: a threshold calibrated before it is not applied either
+    removed = AnalyticRouter(12, 4, head="lda").partial_fit(x, y)
+    removed.calibrate(removed.distance(x), 0.05)
+    removed.remove_class(3)
+    with pytest.warns(UserWarning, match="calibrate_base_route"):
+        assert (removed.predict(far) != 0).all()
 
 
 def test_the_ridge_head_has_no_distance():

@@ -54,8 +54,9 @@ class BaseRouteMixin:
             calibrated = bool(torch.isfinite(self.ood_threshold).all())
             self._ood_live = calibrated and torch.equal(self.ood_counts, self.class_counts)
             if calibrated and not self._ood_live:
-                warnings.warn("the base route's distance threshold was calibrated before the router learned more "
-                              "(its class counts changed), so it is not applied; call `calibrate_base_route` again "
-                              "with held-out prompts of every task.", UserWarning, stacklevel=4)
+                warnings.warn("the base route's distance threshold was calibrated on other router statistics (a task "
+                              "was fitted or removed since, or banks were merged), so it is not applied; call "
+                              "`calibrate_base_route` again with held-out prompts of every task.", UserWarning,
+                              stacklevel=4)
         return self._ood_live
 

@@ -218,7 +218,7 @@ class AnalyticRouter(BaseRouteMixin, nn.Module):
         self.class_counts = self.class_counts[keep].contiguous()
         self.weight = self.weight[:, keep].contiguous()
         self.bias = self.bias[keep].contiguous()
-        self.ood_counts = self.ood_counts[keep].contiguous()
+        self.ood_counts = torch.zeros_like(self.ood_counts[keep])  # the covariance changed: calibrate again
         # summed again rather than subtracted: subtracting a class that dominates the total would leave the
         # remaining classes' sum with the rounding error of the removed one
         self._retotal()

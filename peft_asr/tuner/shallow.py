@@ -215,8 +215,8 @@ class RouterFeaturesMixin:
         collated as for :meth:`fit_router`). The threshold on the distance to the nearest task is set so that a
         share ``false_positive_rate`` of such prompts would go to the base model (split conformal: needs at least
         ``1 / false_positive_rate`` prompts); prompts farther from every task than that go there. It is saved with
-        the bank and applies until the router learns more (a new task, a removal, a merge): then it is not applied,
-        with a warning, until calibrated again. Needs ``router_head="lda"``. Returns the threshold.
+        the bank and applies until the router statistics change (a task fitted or removed, a merge): then it is not
+        applied, with a warning, until calibrated again. Needs ``router_head="lda"``. Returns the threshold.
         """
         if self.router.head != "lda":
             raise ValueError("the calibrated base route needs `router_head='lda'` (a distance to the tasks); the "
