@@ -1,4 +1,5 @@
-"""The analytic router of Analytic Subspace Routing: a ridge classifier fitted by recursive least squares.
+"""The analytic router of Analytic Subspace Routing: a classifier solved in closed form from sufficient statistics,
+either the paper's ridge regression (``head="ridge"``) or a shrunk shared-covariance discriminant (``head="lda"``).
 
 Input: one pooled hidden state per sequence (see :mod:`peft_asr.tuner.features`). Feature map:
 ``phi = act(h @ P)`` with a fixed, seeded random projection ``P`` (d x E), or ``phi = h`` when no expansion is
@@ -8,7 +9,9 @@ classes 1..T are the tasks in the order they were added.
 State, all float64 whatever the model dtype (``.half()`` or ``.to(torch.bfloat16)`` on the model moves it between
 devices but never changes its dtype):
 
-* ``weight`` (E x K) and ``class_counts`` (K,): the solved router; saved with the bank.
+* ``weight`` (E x K) and ``class_counts`` (K,): the solved router; saved with the bank. The ``lda`` head also saves
+  ``bias`` (K,), ``precision`` (E x E, for distances) and the calibrated base route (``ood_threshold``, ``ood_counts``,
+  :mod:`peft_asr.tuner.base_route`).
 * ``class_gram`` (K x E x E, or 1 x E x E when ``per_class_statistics`` is off), ``cross`` (E x K): the sufficient
   statistics of :mod:`peft_asr.tuner.rls`, with the Gram matrix kept per class so that a class can be removed exactly
   (``G`` is their sum); saved to a separate optional file because they can be large (E=8192 is 512 MiB per class),
@@ -59,7 +62,7 @@ def statistics_problem(stats: dict, dim: int, classes: int, per_class: bool) -> 
 
 
 class AnalyticRouter(BaseRouteMixin, nn.Module):
-    """Ridge-regression task classifier on frozen features, trained task by task without keeping data.
+    """Task classifier on frozen features (ridge or LDA head), trained task by task without keeping data.
 
     Args:
         in_features: width ``d`` of the pooled hidden state.
@@ -70,6 +73,8 @@ class AnalyticRouter(BaseRouteMixin, nn.Module):
         seed: seed of the projection ``P``.
         confidence_threshold: rows whose best task score is below this go to the base route; ``None`` disables it.
         per_class_statistics: keep one Gram matrix per class (exact ``remove_class``) instead of their sum.
+        head: ``"ridge"`` (eq. (1) of :mod:`peft_asr.tuner.rls`) or ``"lda"`` (eq. (6)-(7)).
+        shrinkage: the ``lda`` head's covariance shrinkage, in (0, 1].
     """
 
     def __init__(
