@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import finish, load_causal_lm, machine_line, md_table, versions  # noqa: E402
+from common import finish, load_causal_lm, machine_line, md_table, reset_peak, status_mb, versions  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
 VARIANTS = ("peft_lora", "asr_routed")
@@ -38,18 +38,6 @@ def parse_args(argv=None):
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--no-markdown", action="store_true")
     return p.parse_args(argv)
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
-def _reset_peak() -> None:
-    """Start the peak resident set (``VmHWM``) afresh, so loading the model does not count (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
 
 
 def _build(variant: str, args):
@@ -81,11 +69,11 @@ def child(args) -> dict:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():  # a short forward first: weights are paged in and kernels set up on first use
         model(input_ids=ids[:1, :8], attention_mask=torch.ones_like(ids[:1, :8]))
-    _reset_peak()
-    before = _status_mb("VmRSS")
+    reset_peak()
+    before = status_mb("VmRSS")
     with torch.no_grad():
         model(**batch)
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     return {"variant": args.child, "rss_before_mb": round(before, 1), "peak_mb": round(peak, 1),
             "forward_peak_mb": round(peak - before, 1)}
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, md_table, round_robin, save_json, versions, write_block  # noqa: E402
+from common import machine_line, md_table, reset_peak, round_robin, save_json, status_mb, versions, write_block  # noqa: E402
 
 VARIANTS = ("full", "shallow")
 
@@ -51,18 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--bank", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
-def _reset_peak() -> None:
-    """Start the peak resident set (``VmHWM``) afresh, so the imports do not count (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
 
 
 def model_path(name: str, root: Path) -> str:
@@ -144,19 +132,19 @@ def child(args) -> dict:
     import peft_asr  # noqa: F401
 
     torch.manual_seed(0)
-    _reset_peak()
-    before = _status_mb("VmRSS")
+    reset_peak()
+    before = status_mb("VmRSS")
     start = time.perf_counter()
     loaded = _load(args.child, args.path, args.bank)
     load_s = time.perf_counter() - start
-    after = _status_mb("VmRSS")
+    after = status_mb("VmRSS")
     vocab = loaded.model.get_input_embeddings().num_embeddings if args.child == "shallow" else loaded.config.vocab_size
     loaded.route(**_batch(vocab, args.batch, args.length, 3, vocab, seed=99))
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     with torch.no_grad():  # read every weight once: the pages of a mapped checkpoint the route never read come in
         for t in list(loaded.parameters()) + list(loaded.buffers()):
             t.sum()
-    touched = _status_mb("VmRSS")
+    touched = status_mb("VmRSS")
     params = sum(p.numel() for p in loaded.parameters())
     return {"variant": args.child, "load_s": round(load_s, 3), "params": params, "tensor_mb": round(_tensor_mb(loaded), 1),
             "rss_loaded_mb": round(after - before, 1), "peak_mb": round(peak - before, 1),

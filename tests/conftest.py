@@ -155,3 +155,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def real_logits(model, rows, pinned=None):
+    """Each row's logits over its real tokens (float32), from a left-padded batch; routed, or with the task
+    ``pinned`` (``"__base__"``: the plain base model)."""
+    batch = left_pad(rows)
+    with torch.no_grad():
+        if pinned is None:
+            logits = model(**batch).logits
+        else:
+            with model.use_task(pinned):
+                logits = model(**batch).logits
+    return [logits[i, batch["attention_mask"][i].bool()].float() for i in range(len(rows))]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ALPHA_IDS, BETA_IDS, left_pad, prompts, randomize_tasks, right_pad, tiny_llama, two_task_model
+from conftest import real_logits, ALPHA_IDS, BETA_IDS, left_pad, prompts, randomize_tasks, right_pad, tiny_llama, two_task_model
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 
 import peft_asr
@@ -24,18 +24,6 @@ MIXED_TASKS = ["alpha", "beta", "beta", "alpha", "alpha", "beta"]
 
 def _hooks(model):
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-
-
-def _real_logits(model, rows, pinned=None):
-    """Logits of each row's real tokens, from a left-padded batch."""
-    batch = left_pad(rows)
-    with torch.no_grad():
-        if pinned is None:
-            logits = model(**batch).logits
-        else:
-            with model.use_task(pinned):
-                logits = model(**batch).logits
-    return [logits[i, batch["attention_mask"][i].bool()] for i in range(len(rows))]
 
 
 # ---------------------------------------------------------------- wrapping and registration
@@ -95,12 +83,12 @@ def test_routing_is_invariant_to_padding_side_and_length():
 
 def test_mixed_batch_equals_each_row_pinned_to_its_task():
     model = two_task_model()
-    mixed = _real_logits(model, MIXED)
+    mixed = real_logits(model, MIXED)
     worst = 0.0
     for row, task, got in zip(MIXED, MIXED_TASKS, mixed):
-        alone = _real_logits(model, [row], pinned=task)[0]
+        alone = real_logits(model, [row], pinned=task)[0]
         worst = max(worst, (got - alone).abs().max().item())
-        other = _real_logits(model, [row], pinned="beta" if task == "alpha" else "alpha")[0]
+        other = real_logits(model, [row], pinned="beta" if task == "alpha" else "alpha")[0]
         assert (got - other).abs().max() > 1e-3  # the tasks really differ, so the check has teeth
     print(f"max |mixed - pinned| logit difference: {worst:.3e}")
     assert worst < 1e-5
@@ -206,9 +194,9 @@ def test_hooks_are_scoped_to_the_call_even_on_error():
 
 def test_use_task_pins_every_row_and_restores():
     model = two_task_model()
-    pinned = _real_logits(model, MIXED, pinned="alpha")
+    pinned = real_logits(model, MIXED, pinned="alpha")
     for row, got in zip(MIXED, pinned):
-        assert torch.allclose(got, _real_logits(model, [row], pinned="alpha")[0], atol=1e-5)
+        assert torch.allclose(got, real_logits(model, [row], pinned="alpha")[0], atol=1e-5)
     assert model.base_model._pinned == []
     with pytest.raises(ValueError, match=r"task 'gamma' is not in the bank \(tasks: \['alpha', 'beta'\]\)"):
         with model.use_task("gamma"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALPHA_IDS, BETA_IDS, PromptAnswerData, collate, left_pad, prompts, tiny_llama, two_task_model
+from conftest import real_logits, ALPHA_IDS, BETA_IDS, PromptAnswerData, collate, left_pad, prompts, tiny_llama, two_task_model
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors import safe_open
 
@@ -136,18 +136,6 @@ def _reload(base_dir, folder, kind: str):
     return PeftModel.from_pretrained(base, folder).eval()
 
 
-def _real_logits(model, rows, pinned=None):
-    """Each row's logits over its real tokens, from a left-padded batch; routed, or with the task ``pinned``."""
-    batch = left_pad(rows)
-    with torch.no_grad():
-        if pinned is None:
-            logits = model(**batch).logits
-        else:
-            with model.use_task(None if pinned == "__base__" else pinned):
-                logits = model(**batch).logits
-    return [logits[i, batch["attention_mask"][i].bool()].float() for i in range(len(rows))]
-
-
 def _tolerance(kind: str, logits: torch.Tensor) -> float:
     """Float32 logits agree to 1e-5, as in test_core. A half-precision base rounds every block's output to its dtype,
     and a padded batch rounds differently from a row alone: allow 4 units in the last place of the largest logit."""
@@ -189,14 +177,14 @@ def test_routing_on_the_base(bank, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_mixed_batch_equals_each_row_pinned(bank, kind):
     model = bank(kind).model
-    mixed = _real_logits(model, MIXED)
+    mixed = real_logits(model, MIXED)
     tol = _tolerance(kind, torch.cat(mixed))
     worst = 0.0
     for row, task, got in zip(MIXED, MIXED_TASKS, mixed):
-        alone = _real_logits(model, [row], pinned=task)[0]
+        alone = real_logits(model, [row], pinned=task)[0]
         worst = max(worst, (got - alone).abs().max().item())
         for other in ("alpha" if task == "beta" else "beta", "__base__"):  # the tasks differ far beyond `tol`
-            assert (got - _real_logits(model, [row], pinned=other)[0]).abs().max() > 10 * tol, other
+            assert (got - real_logits(model, [row], pinned=other)[0]).abs().max() > 10 * tol, other
     print(f"{kind}: max |mixed - pinned| logit difference {worst:.3e} (tolerance {tol:.1e})")
     assert worst <= tol
 

@@ -189,6 +189,12 @@ def test_model_calibration_sends_far_prompts_to_the_base_model_and_survives_a_re
             plain = model(**mixed).logits
     rows = torch.tensor(far)
     assert torch.allclose(routed[rows], plain[rows], atol=1e-6)
+    # and every other row as the same row alone with its routed task pinned
+    from conftest import real_logits
+    raw = prompts(*ALPHA_IDS, 6, seed=16) + prompts(100, 128, 10, seed=13)
+    mixed_rows = real_logits(model, raw)
+    for row, route, logits in zip(raw, routes, mixed_rows):
+        assert torch.allclose(logits, real_logits(model, [row], pinned=route)[0], atol=1e-5), route
     model.save_pretrained(tmp_path / "bank")
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "bank").eval()
     assert float(reloaded.base_model.router.ood_threshold) == threshold

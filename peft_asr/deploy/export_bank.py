@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from ..bank.files import is_asr_folder, is_asr_model
+from ..bank.files import is_asr_model
 from ..tuner.config import BASE_ROUTE
+from ..tuner.export import output_folder, write_folder_atomically
 from .shallow_router import save_router
 
 __all__ = ["export_bank", "check_target", "check_tasks", "ROUTES_FILE", "ROUTER_FOLDER", "EXPORT_FORMAT"]
@@ -52,16 +51,10 @@ def _is_export(folder: Path) -> bool:
 
 def check_target(out: Union[str, os.PathLike], overwrite: bool = False) -> Path:
     """The folder an export goes to, checked before any work: new or empty, or an earlier export with ``overwrite``."""
-    if not isinstance(out, (str, os.PathLike)):
-        raise TypeError(f"`out` must be a folder path (str or os.PathLike), got {type(out).__name__}.")
     if not isinstance(overwrite, bool):
         raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}.")
-    target = Path(os.path.abspath(os.fspath(out)))
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} is a file; the export is a folder: choose another output folder.")
+    target = output_folder(out, "out")
     if target.is_dir() and any(target.iterdir()):
-        if is_asr_folder(target):
-            raise ValueError(f"{target} holds an ASR bank; an export never replaces a bank: choose another folder.")
         if not _is_export(target):
             raise FileExistsError(f"{target} is not empty and is not an earlier export (no {ROUTES_FILE}); it is "
                                   "never replaced: choose a new or empty folder.")
@@ -97,22 +90,6 @@ def check_tasks(bank: Sequence[str], tasks: Optional[Sequence[str]]) -> list[str
     return chosen
 
 
-def _fsync(path: "str | Path") -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Every file, then every folder (deepest first): the data is on disk before the rename publishes it."""
-    for folder, _dirs, files in os.walk(root, topdown=False):
-        for name in files:
-            _fsync(os.path.join(folder, name))
-        _fsync(folder)
-
-
 def export_bank(model: Any, out: Union[str, os.PathLike], *, tasks: Optional[Sequence[str]] = None,
                 overwrite: bool = False, base_model: Optional[str] = None) -> Path:
     """Write the bank held by ``model`` (a ``PeftModel`` of an ASR bank) for a serving engine; returns ``OUT``.
@@ -135,32 +112,12 @@ def export_bank(model: Any, out: Union[str, os.PathLike], *, tasks: Optional[Seq
               "base_model": config.base_model_name_or_path or base_model, "router": ROUTER_FOLDER,
               "routes": {BASE_ROUTE: None, **{t: t for t in chosen}},
               "not_exported": [t for t in model.tasks if t not in chosen]}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(6)
-    tmp = target.parent / f".{target.name}.export-tmp-{token}"
-    tmp.mkdir()
-    old: Optional[Path] = None
-    try:
+
+    def write(tmp: Path) -> None:
         for task in chosen:
             model.export_task(task, tmp / task)
         save_router(tmp / ROUTER_FOLDER, config, tuner.router)
         (tmp / ROUTES_FILE).write_text(json.dumps(routes, indent=2) + "\n")
-        _fsync_tree(tmp)
-        if target.exists():  # empty, or an earlier export (checked above)
-            old = target.parent / f".{target.name}.export-old-{token}"
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)  # the second rename failed: put the earlier export back
-                old = None
-                raise
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync(target.parent)  # the renames themselves
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+    write_folder_atomically(target, write)  # an earlier export is renamed aside, put back if the swap fails
     return target

@@ -58,7 +58,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import ASR_TYPE, BASE_ROUTE
 from .layer import ASRLayer
 
-__all__ = ["ExportMixin"]
+__all__ = ["ExportMixin", "output_folder", "write_folder_atomically"]
 
 ADAPTER = "default"  # PEFT keeps the adapter called "default" at the top of the folder
 Pair = tuple[torch.Tensor, torch.Tensor, bool]  # lora_A (r, in), lora_B (out, r), whether the base is a Conv1D
@@ -98,7 +98,7 @@ class ExportMixin:
             save_file(state, str(folder / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})  # as PEFT does
             card.save(str(folder / "README.md"))
 
-        _write_atomically(target, write)
+        write_folder_atomically(target, write)
         return str(target)
 
     # ------------------------------------------------------------------ checks, before any work
@@ -117,21 +117,11 @@ class ExportMixin:
         for flag, value in (("all_layers", all_layers), ("overwrite", overwrite)):
             if not isinstance(value, bool):
                 raise TypeError(f"`{flag}` must be True or False, got {value!r}.")
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"`path` must be a folder path (str or os.PathLike), got {type(path).__name__}.")
-        target = Path(os.path.abspath(os.fspath(path)))
-        if target.exists() and not target.is_dir():
-            raise FileExistsError(f"{target} is a file; the export is a folder: choose another `path`.")
-        if target.is_dir() and any(target.iterdir()):
-            if _is_bank(target):
-                raise ValueError(
-                    f"{target} holds an ASR bank; an export never replaces a bank (it would lose every other task "
-                    "and the router): choose another `path`."
-                )
-            if not overwrite:
-                raise FileExistsError(
-                    f"{target} exists and is not empty; pass `overwrite=True` to replace it, or choose another `path`."
-                )
+        target = output_folder(path, "path")
+        if target.is_dir() and any(target.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"{target} exists and is not empty; pass `overwrite=True` to replace it, or choose another `path`."
+            )
         return target
 
     # ------------------------------------------------------------------ the matrices
@@ -218,6 +208,20 @@ def _snapshot(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().to("cpu", copy=True).contiguous()
 
 
+def output_folder(path: object, what: str) -> Path:
+    """The absolute folder an export writes to, refused before any work when ``path`` is not a path, is a file, or
+    holds an ASR bank (an export never replaces a bank); the caller rules on other non-empty folders."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`{what}` must be a folder path (str or os.PathLike), got {type(path).__name__}.")
+    target = Path(os.path.abspath(os.fspath(path)))
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file; the export is a folder: choose another `{what}`.")
+    if target.is_dir() and any(target.iterdir()) and _is_bank(target):
+        raise ValueError(f"{target} holds an ASR bank; an export never replaces a bank (it would lose every other "
+                         f"task and the router): choose another `{what}`.")
+    return target
+
+
 def _is_bank(folder: Path) -> bool:
     try:
         return json.loads((folder / CONFIG_NAME).read_text()).get("peft_type") == ASR_TYPE
@@ -274,7 +278,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+def write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """``write`` into a hidden sibling folder, fsync it, rename it to ``target`` (an existing ``target`` is renamed
     aside first, put back if the second rename fails, deleted after). A failure leaves no sibling behind, nor the
     missing parent folders it created."""
@@ -286,9 +290,10 @@ def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     try:
         tmp.mkdir()  # mode from the umask, like any folder (mkdtemp would make it private)
         write(tmp)
-        for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
+        for folder, _dirs, files in os.walk(tmp, topdown=False):  # every file, then every folder, deepest first
+            for file in files:
+                _fsync(Path(folder) / file)
+            _fsync(Path(folder))
         if target.exists():
             old = target.parent / f".{target.name}.export-old-{token}"
             os.rename(target, old)
