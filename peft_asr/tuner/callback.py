@@ -10,16 +10,23 @@
   on that model releases it (the pin is held by the model: ``ASRModel.hold_task`` / ``release_task``).
   ``pin_during_training=True`` keeps the pin for the whole run, for trainers that generate with the task being
   trained (RL rollouts).
-* ``on_train_end``: run one no-grad pass of the blocks below ``router_layer`` over the task's training prompts (the
-  train dataset, read in order and sharded by process rank, each prompt exactly once whatever the number of epochs
-  or what a distributed sampler repeats; packed rows are split into their examples) and fold them into the router;
-  in distributed runs the statistics of this pass are summed across processes, so every rank holds the same router.
+* During training (``harvest=True``, the default): the router features of the rows the model trains on are pooled
+  from the training forwards themselves (:mod:`peft_asr.tuner.harvest`), so the pass at the end has little or
+  nothing left to run. The pending statistics are saved in each checkpoint (``asr_router_harvest.pt``, one per
+  process) and restored when ``train(resume_from_checkpoint=...)`` resumes from a checkpoint in ``output_dir``.
+* ``on_train_end``: fold the task's training prompts into the router (the train dataset, read in order and sharded
+  by process rank, each prompt exactly once whatever the number of epochs or what a distributed sampler repeats;
+  packed rows are split into their examples): the harvested rows from their pending statistics, the others by one
+  no-grad pass of the blocks below ``router_layer``. In distributed runs the statistics are summed across processes,
+  so every rank holds the same router.
 
 Custom training loops call the same methods: ``model.add_task(name)``, train, ``model.fit_router(batches, task=name)``.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from typing import Optional
 
@@ -29,8 +36,13 @@ from accelerate.utils import extract_model_from_parallel, reduce
 from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback
 
+from .harvest import HarvestMismatch
 
-__all__ = ["ASRCallback"]
+
+__all__ = ["ASRCallback", "HARVEST_FILE"]
+
+logger = logging.getLogger(__name__)
+HARVEST_FILE = "asr_router_harvest.pt"  # in a checkpoint folder: this process's pending router statistics
 
 
 def _router_loader(dataset, collate_fn, batch_size: int, rank: int, world: int) -> DataLoader:
@@ -88,13 +100,21 @@ class ASRCallback(TrainerCallback):
             without the pin a training-mode ``generate`` routes, and refuses while the router does not know the
             task. The cost: a run that dies keeps the pin until the next ``on_train_begin`` (or
             ``model.release_task()``).
+        harvest (`bool`, *optional*, defaults to `True`):
+            Pool the router features of the trained rows from the training forwards (:mod:`peft_asr.tuner.harvest`),
+            so that only the rows training did not see run the router pass at the end. It turns itself off, with
+            the reason in ``harvest_report``, where a training forward's features are not the router's.
     """
 
-    def __init__(self, task: Optional[str] = None, progress: bool = True, pin_during_training: bool = False) -> None:
+    def __init__(self, task: Optional[str] = None, progress: bool = True, pin_during_training: bool = False,
+                 harvest: bool = True) -> None:
         self.task = task
         self.progress = progress
         self.pin_during_training = bool(pin_during_training)
+        self.harvest = bool(harvest)
         self.fit_seconds = 0.0  # wall time of the last router fit
+        self.harvest_report: dict = {}  # rows harvested / passed at the end of the last fit, and why not more
+        self._harvest = None
 
     def _task(self, model) -> str:
         task = self.task or model.training_task
@@ -134,6 +154,10 @@ class ASRCallback(TrainerCallback):
             if first is None:
                 raise ValueError("ASRCallback: the train dataset gives no batch, so the router would learn nothing.")
             model.router_features(first)  # the router pass's checks, on one batch, before any training step
+            if self.harvest and not self._harvest_unsupported(args, model):
+                batches = self._router_batches(args, train_dataloader, rank, world)
+                # the dataset read in order gives the rows the fit will read; an iterable one is not read twice here
+                self._start_harvest(args, state, model, None if batches is train_dataloader else batches)
         model.release_task()  # a pin left by an evaluation of an earlier run that died
         if self.pin_during_training or getattr(args, "eval_on_start", False):
             self._pin_for_evaluation(model)
@@ -151,12 +175,61 @@ class ASRCallback(TrainerCallback):
         if not self.pin_during_training:
             _unwrap(model).release_task()
 
+    # ------------------------------------------------------------------ the harvest
+    def _harvest_unsupported(self, args, model) -> bool:
+        if self.task is not None and self.task != model.training_task:
+            self.harvest_report = {"blocker": f"the callback fits {self.task!r}, the model trains {model.training_task!r}"}
+            return True
+        return False
+
+    def _start_harvest(self, args, state, model, batches) -> None:
+        start = time.perf_counter()
+        self._harvest = model.start_router_harvest(batches)
+        self._harvest.seconds = time.perf_counter() - start  # reading the rows' keys counts as harvest time
+        if self._harvest.blocker is not None:
+            logger.info("ASRCallback: router features are not harvested from training (%s); the router pass runs "
+                        "at the end.", self._harvest.blocker)
+            return
+        if state.global_step > 0:  # resumed: the pending statistics of the checkpoint, if it is in output_dir
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", _harvest_file(args))
+            if os.path.isfile(path):
+                try:
+                    self._harvest.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                except (HarvestMismatch, KeyError) as error:
+                    logger.warning("ASRCallback: %s is not used (%s); those rows run the router pass.", path, error)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._harvest is not None and self._harvest.blocker is None:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                path = os.path.join(folder, _harvest_file(args))
+                torch.save(self._harvest.state_dict(), path + ".tmp")
+                os.replace(path + ".tmp", path)
+
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         model = _unwrap(model)
         model.release_task()
+        harvest, self._harvest = self._harvest, None
+        model.stop_router_harvest()
         rank, world = _processes(args)
         batches = self._router_batches(args, train_dataloader, rank, world)
         start = time.perf_counter()
-        model.fit_router(batches, task=self._task(model), progress=self.progress and state.is_local_process_zero,
-                         reduce_sum=_reduce_sum(world))
+        fit = dict(task=self._task(model), progress=self.progress and state.is_local_process_zero,
+                   reduce_sum=_reduce_sum(world))
+        usable = harvest if harvest is not None and harvest.blocker is None and harvest.rows else None
+        try:
+            model.fit_router(batches, harvest=usable, **fit)
+        except HarvestMismatch as error:  # the router is unchanged: every row runs the pass
+            logger.warning("ASRCallback: the harvested router features are not used (%s).", error)
+            usable = None
+            model.fit_router(batches, **fit)
         self.fit_seconds = time.perf_counter() - start
+        self.harvest_report = {"harvested_rows": usable.rows if usable is not None else 0,
+                               "blocker": harvest.blocker if harvest is not None else self.harvest_report.get("blocker"),
+                               "skipped_calls": dict(harvest.skipped) if harvest is not None else {},
+                               "seconds": harvest.seconds if harvest is not None else 0.0}
+
+
+def _harvest_file(args) -> str:
+    index = getattr(args, "process_index", 0)
+    return HARVEST_FILE if not index else HARVEST_FILE.replace(".pt", f"-{index}.pt")

@@ -33,10 +33,11 @@ from .hooks import routing_hooks
 from .routing import plan_call
 from .shallow import RouterFeaturesMixin
 from .export import ExportMixin
+from .harvest import HarvestMixin
 
 __all__ = ["ASRModel"]
 
-class ASRModel(RouterFeaturesMixin, ExportMixin, BaseTuner):
+class ASRModel(RouterFeaturesMixin, HarvestMixin, ExportMixin, BaseTuner):
     """Analytic Subspace Routing (Any-SSR) tuner: per-task LoRA subspaces in the deep blocks and an analytic router.
 
     Created by ``get_peft_model(model, ASRConfig(...))`` (after ``import peft_asr``); its public methods are reachable
@@ -361,8 +362,9 @@ class ASRModel(RouterFeaturesMixin, ExportMixin, BaseTuner):
         """Scope of one forward / generate call: plan it by the routing contract (which may refuse before any work),
         install the routing hooks, remove them in ``finally``."""
         call = plan_call(self, args, kwargs, generating=self._generating > 0)
-        if call is None:
-            yield  # the layers' configuration applies: a pinned task, or the task being trained
+        if call is None:  # the layers' configuration applies: a pinned task, or the task being trained
+            with self._harvest_scope():  # a training forward may give the router its features (tuner.harvest)
+                yield
             return
         with routing_hooks(self, call):
             yield

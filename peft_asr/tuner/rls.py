@@ -80,6 +80,13 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise RouterNumericalError(f"`{name}` contains NaN or inf values. {_HINT}")
 
 
+def make_projection(in_features: int, feature_dim: int, seed: int) -> torch.Tensor:
+    """The router's fixed random expansion ``P`` (d x E), float64, N(0, 1/d), reproducible from ``seed`` anywhere."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    # (d, E); scaled by 1/sqrt(d) so phi has the same per-coordinate scale as the pooled hidden state
+    return torch.randn(in_features, feature_dim, generator=gen, dtype=torch.float64) / in_features**0.5
+
+
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Float64 one-hot targets: (n,) int64 -> (n, num_classes)."""
     if labels.dim() != 1:

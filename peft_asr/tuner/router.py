@@ -18,9 +18,8 @@ devices but never changes its dtype):
   needed only to keep learning or to remove a task.
 * ``projection`` (d x E): regenerated from ``seed``; never saved.
 
-The scikit-learn ``partial_fit`` contract holds: ``partial_fit`` validates each batch and returns ``self``;
-``predict`` before any fit raises ``RuntimeError``. Solving is lazy: statistics change, the weight is re-solved the
-next time routing (or saving) needs it, so fitting T tasks costs one E x E factorisation, not T.
+``partial_fit`` validates each batch and returns ``self``; ``predict`` before any fit raises. Solving is lazy (the
+weight is re-solved when routing or saving next needs it): fitting T tasks costs one factorisation, not T.
 """
 
 from __future__ import annotations
@@ -38,13 +37,6 @@ __all__ = ["AnalyticRouter", "BASE_CLASS", "HEADS", "statistics_problem"]
 BASE_CLASS = 0  # column of the "general" route that sends a row to the plain base model
 HEADS = ("ridge", "lda")  # ridge regression onto one-hot targets (the paper); shared-covariance discriminant
 _STATISTICS = ("class_gram", "cross", "class_counts")
-
-
-def make_projection(in_features: int, feature_dim: int, seed: int) -> torch.Tensor:
-    """The fixed random expansion ``P`` (d x E), float64, N(0, 1/d), reproducible from ``seed`` on any device."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    # (d, E); scaled by 1/sqrt(d) so phi has the same per-coordinate scale as the pooled hidden state
-    return torch.randn(in_features, feature_dim, generator=gen, dtype=torch.float64) / in_features**0.5
 
 
 def statistics_problem(stats: dict, dim: int, classes: int, per_class: bool) -> Optional[str]:
@@ -113,10 +105,8 @@ class AnalyticRouter(BaseRouteMixin, nn.Module):
         self.per_class_statistics = bool(per_class_statistics)
         dim = self.dim
         f64 = dict(dtype=torch.float64)
-        if self.feature_dim is not None:
-            self.register_buffer("projection", make_projection(self.in_features, self.feature_dim, seed), persistent=False)
-        else:
-            self.projection = None
+        projection = rls.make_projection(self.in_features, self.feature_dim, seed) if self.feature_dim else None
+        self.register_buffer("projection", projection, persistent=False)  # None: no expansion
         self.register_buffer("weight", torch.zeros(dim, num_classes, **f64))
         self.register_buffer("class_counts", torch.zeros(num_classes, **f64))
         # the discriminant's per-class offsets and the precision S^-1 its distances use (eq. (7) of rls); saved only
@@ -232,11 +222,7 @@ class AnalyticRouter(BaseRouteMixin, nn.Module):
     # ------------------------------------------------------------------ fitting
     def partial_fit(self, pooled: torch.Tensor, labels: torch.Tensor | int) -> "AnalyticRouter":
         """Add a batch to the statistics of eq. (2). ``labels``: class index per row, or one int for all rows."""
-        if not self.has_statistics:
-            raise RuntimeError(
-                "this router was loaded without its statistics file (router_statistics.safetensors), so it can route "
-                "but not learn more tasks exactly. Save banks with `save_router_statistics=True` to keep learning."
-            )
+        self._check_can_learn()
         phi = self.expand(pooled)  # (B, E)
         if isinstance(labels, int):
             labels = torch.full((phi.shape[0],), labels, dtype=torch.long, device=phi.device)
@@ -256,6 +242,24 @@ class AnalyticRouter(BaseRouteMixin, nn.Module):
         self.class_counts += targets.sum(dim=0)
         self._dirty = True
         return self
+
+    def add_statistics(self, label: int, gram: torch.Tensor, feature_sum: torch.Tensor, count: int) -> None:
+        """Add ``count`` rows of class ``label`` given by their sums (``gram = sum phi^T phi``, ``feature_sum =
+        sum phi``, float64), as :meth:`partial_fit` of those rows would: a harvest from training."""
+        self._check_can_learn()
+        self.class_gram[label if self.per_class_statistics else 0] += gram
+        if self.per_class_statistics:
+            self.total_gram += gram
+        self.cross[:, label] += feature_sum  # one-hot targets: the class's column of Phi^T Y is sum phi
+        self.class_counts[label] += count
+        self._dirty = True
+
+    def _check_can_learn(self) -> None:
+        if not self.has_statistics:
+            raise RuntimeError(
+                "this router was loaded without its statistics file (router_statistics.safetensors), so it can route "
+                "but not learn more tasks exactly. Save banks with `save_router_statistics=True` to keep learning."
+            )
 
     def all_reduce_statistics(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], since: dict) -> None:
         """Sum the statistics added since the snapshot ``since`` (from :meth:`snapshot`) across processes.

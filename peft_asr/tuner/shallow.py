@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections import Counter
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from .call_inputs import hidden_from_call
 from .config import BASE_ROUTE
 from .features import is_packed, pool, positions_from_mask, prompt_mask, unpack_rows
+from .harvest import HarvestMismatch, row_keys
 from .router import BASE_CLASS
 from .validation import check_batch, check_batches, check_features
 
@@ -118,6 +120,36 @@ def feature_pass(feature_module: nn.Module, router_block: nn.Module, final_norm:
     return captured["pooled"]
 
 
+def _check_harvest(harvest, task: Optional[str], tuner) -> None:
+    if harvest.task != task:
+        raise ValueError(f"the harvest is of task {harvest.task!r}, not of {task!r}; pass the harvest of this task.")
+    harvest.check_router(tuner.router, tuner.bank_config.router_pooling)
+
+
+def _rows_not_harvested(batch: Mapping[str, Any], harvest, used: Counter) -> Optional[Mapping[str, Any]]:
+    """``batch`` without the rows the harvest holds (counted in ``used``); ``None`` when it holds them all."""
+    if harvest is None or not harvest.rows:
+        return batch
+    check_batch(batch)
+    keys = row_keys(batch)
+    if keys is None:
+        return batch
+    keep = []
+    for i, key in enumerate(keys):
+        if used[key] < harvest.taken[key]:
+            used[key] += 1
+        else:
+            keep.append(i)
+    if not keep:
+        return None
+    if len(keep) == len(keys):
+        return batch
+    rows = len(keys)
+    index = torch.tensor(keep)
+    return {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows else v
+            for k, v in batch.items()}
+
+
 class RouterFeaturesMixin:
     """Router features, router fitting and routing decisions of `ASRModel` (which provides ``model``, ``router``,
     ``bank_config``, ``tasks``, ``_router_block``, ``_final_norm``, ``_feature_module``, ``_device``,
@@ -171,6 +203,7 @@ class RouterFeaturesMixin:
         *,
         progress: bool = True,
         reduce_sum=None,
+        harvest=None,
     ) -> "RouterFeaturesMixin":
         """Add the prompts of ``batches`` to the router statistics of ``task`` and mark the router for re-solving.
 
@@ -182,6 +215,10 @@ class RouterFeaturesMixin:
             progress: show a progress bar.
             reduce_sum: in distributed runs, a function summing a tensor over processes; the statistics added by
                 this call are summed so every process holds the same router.
+            harvest: a :class:`~peft_asr.tuner.harvest.FeatureHarvest` of this task's training
+                (:meth:`start_router_harvest`): its rows are added from the features pooled during training, and
+                only the rows it lacks run the shallow pass. Raises ``HarvestMismatch`` (the router unchanged) when
+                it holds a row ``batches`` lack.
 
         Only the blocks below ``router_layer`` run (no gradients). Returns ``self``.
         """
@@ -190,14 +227,29 @@ class RouterFeaturesMixin:
         check_batches(batches)
         label = BASE_CLASS if task in (None, BASE_ROUTE) else self.bank_config.tasks.index(self._check_task(task)) + 1
         router = self.router
+        if harvest is not None:
+            _check_harvest(harvest, task, self)
+        used: Counter = Counter()  # key -> rows of that key already taken from the harvest
         before = router.snapshot(classes=[label])  # all or nothing: a bad batch halfway leaves the router as it was
         seen = 0
         try:
             for batch in tqdm(batches, desc=f"router fit [{task or BASE_ROUTE}]", disable=not progress, leave=False):
+                batch = _rows_not_harvested(batch, harvest, used)
+                if batch is None:
+                    continue  # every row of the batch is in the harvest
                 pooled = self.router_features(batch)
                 check_features(pooled)
                 router.partial_fit(pooled, label)
                 seen += pooled.shape[0]
+            if harvest is not None and harvest.rows:
+                if used != harvest.taken:
+                    raise HarvestMismatch(
+                        f"the harvest of task {task!r} holds {harvest.rows - sum(used.values())} rows that the batches "
+                        "passed to `fit_router` lack (another dataset, or rows changed by the collator at random), "
+                        "so its statistics cannot be used; fit without `harvest`."
+                    )
+                router.add_statistics(label, harvest.gram, harvest.feature_sum, harvest.rows)
+                seen += harvest.rows
             if reduce_sum is not None:
                 router.all_reduce_statistics(reduce_sum, before)
             elif seen == 0:
