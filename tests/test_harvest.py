@@ -11,7 +11,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import peft_asr  # noqa: F401
 from peft_asr import ASRCallback, ASRConfig
-from peft_asr.tuner.callback import HARVEST_FILE
+from peft_asr.tuner.callback import HARVEST_FILE, _read_harvest
 from peft_asr.tuner.harvest import HarvestMismatch
 
 
@@ -163,7 +163,7 @@ def test_resume_restores_the_pending_statistics_of_the_checkpoint(tmp_path, one_
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "r", model=dying, callbacks=[_DieAtStep(5)], **args)
     assert _router(dying).class_counts.tolist() == [0, 0]  # a run that dies adds nothing to the router
-    saved = torch.load(tmp_path / "r" / "checkpoint-3" / HARVEST_FILE, weights_only=True)
+    saved = _read_harvest(str(tmp_path / "r" / "checkpoint-3" / HARVEST_FILE))
     assert sum(saved["taken"].values()) == 12 and saved["task"] == "alpha"
     resumed = _model()
     resumed.add_task("alpha")

@@ -283,7 +283,7 @@ def run_stream(
                                                   max_length=max_length, use_chat_template=use_chat_template))
         eval_s = time.perf_counter() - start
         results.timings.append({"task": task.name, "train_s": round(train_s - router_s, 2),
-                                "router_s": round(router_s, 2), "eval_s": round(eval_s, 2),
+                                "router_s": round(router_s, 4), "eval_s": round(eval_s, 2),
                                 "steps": trainer.state.global_step})
         if on_stage_end is not None:
             on_stage_end(stage, model, results)

@@ -12,7 +12,7 @@
   trained (RL rollouts).
 * During training (``harvest=True``, the default): the router features of the rows the model trains on are pooled
   from the training forwards themselves (:mod:`peft_asr.tuner.harvest`), so the pass at the end has little or
-  nothing left to run. The pending statistics are saved in each checkpoint (``asr_router_harvest.pt``, one per
+  nothing left to run. The pending statistics are saved in each checkpoint (``asr_router_harvest.safetensors``, one per
   process) and restored when ``train(resume_from_checkpoint=...)`` resumes from a checkpoint in ``output_dir``.
 * ``on_train_end``: fold the task's training prompts into the router (the train dataset, read in order and sharded
   by process rank, each prompt exactly once whatever the number of epochs or what a distributed sampler repeats;
@@ -25,6 +25,7 @@ Custom training loops call the same methods: ``model.add_task(name)``, train, ``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -32,6 +33,8 @@ from typing import Optional
 
 import torch
 from accelerate import PartialState
+from safetensors import safe_open
+from safetensors.torch import save_file
 from accelerate.utils import extract_model_from_parallel, reduce
 from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback
@@ -42,7 +45,7 @@ from .harvest import HarvestMismatch
 __all__ = ["ASRCallback", "HARVEST_FILE"]
 
 logger = logging.getLogger(__name__)
-HARVEST_FILE = "asr_router_harvest.pt"  # in a checkpoint folder: this process's pending router statistics
+HARVEST_FILE = "asr_router_harvest.safetensors"  # in a checkpoint folder: this process's pending router statistics
 
 
 def _router_loader(dataset, collate_fn, batch_size: int, rank: int, world: int) -> DataLoader:
@@ -194,7 +197,7 @@ class ASRCallback(TrainerCallback):
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", _harvest_file(args))
             if os.path.isfile(path):
                 try:
-                    self._harvest.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                    self._harvest.load_state_dict(_read_harvest(path))
                 except (HarvestMismatch, KeyError) as error:
                     logger.warning("ASRCallback: %s is not used (%s); those rows run the router pass.", path, error)
 
@@ -203,8 +206,7 @@ class ASRCallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 path = os.path.join(folder, _harvest_file(args))
-                torch.save(self._harvest.state_dict(), path + ".tmp")
-                os.replace(path + ".tmp", path)
+                _write_harvest(self._harvest.state_dict(), path)
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         model = _unwrap(model)
@@ -233,3 +235,17 @@ class ASRCallback(TrainerCallback):
 def _harvest_file(args) -> str:
     index = getattr(args, "process_index", 0)
     return HARVEST_FILE if not index else HARVEST_FILE.replace(".pt", f"-{index}.pt")
+
+
+def _write_harvest(state: dict, path: str) -> None:
+    """The harvest's tensors as safetensors, its keys and settings as JSON metadata (no pickle)."""
+    meta = {k: json.dumps(v) for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+
+
+def _read_harvest(path: str) -> dict:
+    with safe_open(path, framework="pt") as f:
+        state = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        state.update({k: f.get_tensor(k) for k in f.keys()})
+    return state
