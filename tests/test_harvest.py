@@ -228,3 +228,27 @@ def test_gradient_checkpointing_takes_each_row_once(tmp_path, one_thread):
     assert callback.harvest_report["harvested_rows"] == 24 and sum(passed) == FIRST
     separate, _, _ = _train(tmp_path / "s", harvest=False)
     _assert_same_router(harvested, separate)
+
+
+def test_a_harvested_training_forward_answers_as_the_task_pinned_row_by_row(one_thread):
+    # the harvest only reads the hidden state: a training forward follows the task being trained, each row's logits
+    # equal that row run alone with the task pinned, and nothing else changes
+    model = _model()
+    model.add_task("alpha")
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.5)  # subspaces that change the output
+    batch = _batches(ALPHA)[0]
+    model.train()
+    plain = model(**batch).logits
+    harvest = model.start_router_harvest()
+    harvested = model(**batch).logits
+    model.stop_router_harvest()
+    assert harvest.rows == 4 and torch.equal(harvested, plain)
+    mask = batch["attention_mask"].bool()
+    for row in range(4):
+        alone = {k: v[row:row + 1, : int(mask[row].sum())] for k, v in batch.items()}
+        with model.use_task("alpha"):
+            pinned = model(**alone).logits
+        assert torch.allclose(harvested[row, mask[row]], pinned[0], atol=1e-10)
