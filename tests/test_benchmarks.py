@@ -4,7 +4,9 @@ benchmarks, not tests)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -53,27 +55,29 @@ def test_olora_penalty_is_zero_for_orthogonal_subspaces_and_grows_with_overlap(c
     assert cl.olora_penalty(model, "t0", [], 0.5, 0.0).item() == 0.0
 
 
-def test_stream_markdown_and_results_md_block(cl, tmp_path):
+LEGACY_SETTINGS = {"model": None, "dtype": "float32", "steps": 2, "batch_size": 2, "train_per_task": 4, "lr": 1e-3,
+                   "rank": 8, "alpha": 16, "targets": ["q_proj"], "router_layer": 4, "eval_per_task": 2,
+                   "max_new_tokens": 2, "max_length": 64, "eval_scope": "seen+next", "seed": 0}
+
+
+def test_stream_markdown_of_a_legacy_result_and_results_md_block(cl, tmp_path):
     tasks = ["a", "b"]
     data = {
         "tasks": tasks, "baseline": [0.1, 0.2], "commands": ["python benchmarks/cl_benchmark.py"],
-        "settings": {"model": None, "dtype": "float32", "steps": 2, "batch_size": 2, "train_per_task": 4, "lr": 1e-3,
-                     "rank": 8, "alpha": 16, "targets": ["q_proj"], "router_layer": 4, "eval_per_task": 2,
-                     "max_new_tokens": 2, "max_length": 64, "eval_scope": "seen+next", "seed": 0},
-        "versions": {"platform": "p", "cpu_count": 2, "threads": 2, "torch": "t", "transformers": "x", "peft": "y",
-                     "peft_asr": "z", "python": "3"},
+        "settings": LEGACY_SETTINGS,
         "methods": {
             "asr": {"matrix": [[0.5, 0.2], [0.5, 0.75]], "summary": {"op": 0.625, "bwt": 0.0, "fwt": 0.0,
                                                                       "forgetting": 0.0, "routing_accuracy": 1.0},
-                    "trainable_params": 10, "info": {"wall_s": 1.0},
+                    "trainable_params": 10, "info": {"wall_s": 1.0, "bank_bytes": 2_000_000},
                     "routing": [{"labels": ["__base__", "a", "b"], "confusion": [[0, 0, 0], [0, 2, 0], [0, 0, 2]],
                                  "accuracy": 1.0}]},
             "multitask": {"final": [0.6, 0.8], "summary": {"op": 0.7}, "trainable_params": 20, "info": {"wall_s": 2}},
         },
     }
     text = cl.stream_markdown("s", data)
-    assert "| asr | 62.5 | +0.0 | +0.0 | 0.0 | 100.0 | 10 | 1.0 |" in text
-    assert "| multitask | 70.0 | - | - | - | - | 20 | 2 |" in text
+    assert "**0.1 benchmark (legacy budget, no intervals):** 2 steps x batch 2" in text  # labelled with its budget
+    assert "| asr | 62.5 | +0.0 | +0.0 | 0.0 | 100.0 | 10 | 2.0 | 1.0 |" in text
+    assert "| multitask | 70.0 | - | - | - | - | 20 | - | 2 |" in text
     assert "| base | 10.0 | 20.0 |" in text and "| a | 0 | 2 | 0 |" in text and "__base__ | 0" not in text
     md = tmp_path / "RESULTS.md"
     md.write_text("# Benchmark results\n\nintro\n")
@@ -81,3 +85,136 @@ def test_stream_markdown_and_results_md_block(cl, tmp_path):
     cl.write_markdown({"s": data}, md)  # rewriting replaces the block, never appends a second one
     out = md.read_text()
     assert out.count(cl.MARK_START) == 1 and out.startswith("# Benchmark results\n\nintro\n") and "### s: a -> b" in out
+
+
+def _stage(stage, items, **extra):
+    return {"stage": stage, "task": "abc"[stage], "items": {str(i): v for i, v in items.items()}, "train_s": 1.0,
+            "router_s": 0.5, "eval_s": 2.0, "wall_s": 3.5, **extra}
+
+
+def test_summarise_records_the_measured_entries_and_intervals(cl):
+    import cl_eval
+
+    rec = {"stages": [_stage(0, {0: [1.0, 1.0]}), _stage(1, {1: [1.0, 0.0]}),
+                      _stage(2, {0: [1.0, 0.0], 1: [0.0, 0.0], 2: [1.0, 1.0]})]}
+    out = cl_eval.summarise(rec, 3, [0.0, 0.0, 0.0], seed=0)
+    assert out["matrix"] == [[1.0, None, None], [None, 0.5, None], [0.5, 0.0, 1.0]]
+    assert out["measured"] == [[0, 0], [1, 1], [2, 0], [2, 1], [2, 2]]
+    s = out["summary"]
+    # OP = (0.5 + 0 + 1) / 3 = 0.5; BWT = ((0.5 - 1) + (0 - 0.5)) / 2 = -0.5
+    assert s["op"] == pytest.approx(0.5) and s["bwt"] == pytest.approx(-0.5)
+    assert s["fwt"] is None and s["forgetting"] is None
+    assert s["op_ci"][0] <= 0.5 <= s["op_ci"][1] and s["bwt_ci"][0] <= -0.5 <= s["bwt_ci"][1]
+    # the oracle's diagonal is derived from its last row (frozen subspaces): BWT exactly 0
+    oracle = {"stages": [_stage(2, {0: [1.0, 0.0], 1: [0.0, 1.0], 2: [1.0, 1.0]})],
+              "derived": {"entries": [[0, 0], [1, 1]], "why": "frozen"}}
+    out = cl_eval.summarise(oracle, 3, [0.0, 0.0, 0.0], seed=0)
+    assert out["summary"]["bwt"] == 0.0 and out["summary"]["bwt_ci"] == (0.0, 0.0)
+    assert out["measured"] == [[2, 0], [2, 1], [2, 2]] and out["matrix"][0][0] == 0.5
+
+
+def test_stream_markdown_names_settings_measured_entries_and_intervals(cl):
+    import cl_eval
+
+    settings = {**LEGACY_SETTINGS, "eval_scope": "diagonal+final", "train_max_length": 128, "truncation": "middle",
+                "scoring": "label word (normalised)"}
+    rec = {"stages": [_stage(0, {0: [1.0, 1.0]}), _stage(1, {0: [1.0, 0.0], 1: [0.0, 1.0]})], "complete": True,
+           "trainable_params": 7, "wall_s": 7.0}
+    rec.update(cl_eval.summarise(rec, 2, [0.0, 0.0], seed=0))
+    running = {"stages": [_stage(0, {0: [1.0, 1.0]})], "complete": False}
+    data = {"tasks": ["a", "b"], "baseline": [0.0, 0.0], "settings": settings,
+            "methods": {"seqlora": rec, "replay": running}}
+    text = cl.stream_markdown("s", data, "about it")
+    assert text.startswith("### s: a -> b (about it)")
+    assert "Settings: 2 steps x batch 2" in text and "middle truncation; training rows up to 128 tokens" in text
+    assert "Measured entries of the accuracy matrix: R[t][t] after each stage t and every task after the last" in text
+    lo, hi = rec["summary"]["op_ci"]
+    assert f"| seqlora | 50.0 [{100 * lo:.1f}, {100 * hi:.1f}] | -50.0 [" in text
+    assert "| replay (stopped after 1 stages) |" in text
+    assert "| seqlora | 1 + 0 + 2 | 1 + 0 + 2 |" in text  # time per stage
+
+
+def test_label_word_scoring():
+    import cl_eval
+
+    labels = ["very negative", "negative", "neutral", "positive", "very positive"]
+    preds = ["Negative.", "very negative", "negative review", "  'Positive'  ", "posit", "", "neutral\n", "Very  Positive"]
+    refs = ["negative", "negative", "negative", "positive", "positive", "neutral", "neutral", "very positive"]
+    # case and punctuation do not matter; a longer label wins ("very negative" is not "negative"); a label followed
+    # by more words counts; a cut word or an empty answer does not
+    assert cl_eval.label_word_scores(preds, refs, labels) == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert cl_eval.normalise_label(" Science or  Technology! ") == "science or technology"
+    with pytest.raises(ValueError, match=r"references \['odd'\] are not among the labels"):
+        cl_eval.label_word_scores(["odd"], ["odd"], labels)
+
+
+def test_choose_budget_rule():
+    conv = _load("cl_convergence")
+    curves = {"a": {"steps": [25, 50, 100, 150, 200], "scores": [0.30, 0.50, 0.595, 0.60, 0.59]},
+              "b": {"steps": [25, 50, 100, 150, 200], "scores": [0.80, 0.805, 0.81, 0.80, 0.80]}}
+    # a: best 0.60, within 1 point from 100 steps (0.595); b: best 0.81, within 1 point already at 25 -> budget 100
+    assert conv.choose_budget(curves, 0.01, 200) == (100, {"a": 100, "b": 25}, "")
+    assert conv.choose_budget(curves, 0.01, 50) == (50, {"a": 100, "b": 25}, "the curves ask for 100 steps; capped at 50")
+
+
+def test_answer_cache_generates_each_pair_once():
+    import cl_eval
+
+    class Evaluator:
+        tasks = [SimpleNamespace(eval=[{"prompt": "p0", "answer": "A"}, {"prompt": "p1", "answer": "B"}],
+                                 metric="exact_match")]
+        labels = [None]
+        calls = []
+
+        def answers(self, model, prompts, task_names=None):
+            self.calls.append(list(zip(prompts, task_names)))
+            return [f"{t}:{p}" for p, t in zip(prompts, task_names)]
+
+    ev = Evaluator()
+    cache = cl_eval.AnswerCache([["A", "x"]])  # the base model's answers
+    scores = cache.score(None, ev, {0: ["__base__", "t"]})
+    assert scores == {0: [1.0, 0.0]} and ev.calls == [[("p1", "t")]]  # the base route reads the base answers
+    cache.score(None, ev, {0: ["t", "t"]})
+    assert ev.calls[-1] == [("p0", "t")] and cache.generated == 2  # only the pair not seen before
+    assert cl_eval.AnswerCache([["A", "x"]], cache.pairs).get(0, 1, "t") == "t:p1"  # saved and loaded
+
+
+def test_replay_mixes_a_share_of_every_earlier_task(cl):
+    import cl_methods
+
+    tasks = [SimpleNamespace(name=f"t{k}", train=[{"prompt": f"{k}-{i}", "answer": "a"} for i in range(100)])
+             for k in range(3)]
+    ctx = SimpleNamespace(tasks=tasks, args=SimpleNamespace(replay_fraction=0.02, seed=0))
+    rows = cl_methods.Replay(ctx).rows(2)
+    kinds = [r["prompt"].split("-")[0] for r in rows]
+    assert kinds.count("2") == 100 and kinds.count("0") == 2 and kinds.count("1") == 2  # 2% of 100 rows each
+    assert cl_methods.Replay(ctx).rows(2) == rows and cl_methods.Replay(ctx).rows(0) != tasks[0].train  # shuffled
+
+
+def test_a_stopped_run_resumes_at_the_next_stage_and_equals_an_uninterrupted_one(cl, stories_path, tmp_path,
+                                                                                monkeypatch):
+    import cl_streams
+
+    monkeypatch.setitem(cl_streams.STREAMS, "demo2", cl_streams.Stream("demo", ("reverse", "echo"), "two tasks", 3))
+    base = ["--model", str(stories_path), "--streams", "demo2", "--methods", "asr", "oracle", "seqlora", "--steps",
+            "1", "--eval-per-task", "3", "--train-per-task", "4", "--router-layer", "2", "--no-markdown"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cl.main(base + ["--out-dir", str(whole), "--work-dir", str(whole / "w")]) == 0
+    split = base + ["--out-dir", str(parts), "--work-dir", str(parts / "w")]
+    assert cl.main(split + ["--budget-minutes", "0.0001"]) == cl.STOPPED  # one stage, then the budget is spent
+    saved = json.loads((parts / "cl_demo2.json").read_text())["methods"]["asr"]
+    assert len(saved["stages"]) == 1 and saved["stopped"] == "budget spent before stage 1"
+    assert (parts / "w" / "demo2" / "asr" / "stage-0" / "bank").is_dir()
+    assert cl.main(split) == 0
+    a = json.loads((whole / "cl_demo2.json").read_text())["methods"]
+    b = json.loads((parts / "cl_demo2.json").read_text())["methods"]
+    for method in ("asr", "oracle", "seqlora"):
+        assert b[method]["complete"] and b[method]["matrix"] == a[method]["matrix"], method
+        assert [s["items"] for s in b[method]["stages"]] == [s["items"] for s in a[method]["stages"]], method
+    assert [s["routing"] for s in b["asr"]["stages"]] == [s["routing"] for s in a["asr"]["stages"]]
+    assert b["asr"]["general"]["routed_to_base"] == a["asr"]["general"]["routed_to_base"]
+    assert b["seqlora"]["general"]["token_agreement"] == a["seqlora"]["general"]["token_agreement"]
+    assert b["oracle"]["summary"]["bwt"] == 0.0 and b["oracle"]["derived"]["entries"] == [[0, 0]]
+    # results of other settings are never mixed into a stream's file
+    with pytest.raises(SystemExit, match=r"other settings \(steps: 1 -> 2; train_per_task: 4 -> 8\)"):
+        cl.main([{"1": "2", "4": "8"}.get(x, x) for x in split])

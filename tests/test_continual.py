@@ -140,3 +140,54 @@ def test_run_stream_seen_next_scope_and_stage_hook(stories, tmp_path):
         run_stream(model, tasks, tokenizer=tok, eval_scope="some")
     with pytest.raises(TypeError, match="`on_stage_end` must be callable"):
         run_stream(model, tasks, tokenizer=tok, on_stage_end=3)
+
+
+def test_run_stream_diagonal_final_scope_and_middle_truncation(stories, tmp_path):
+    from peft_asr.cl.runner import stage_scope
+
+    assert [stage_scope("diagonal+final", t, 3) for t in range(3)] == [[0], [1], [0, 1, 2]]
+    assert [stage_scope("seen+next", t, 3) for t in range(3)] == [[0, 1], [0, 1, 2], [0, 1, 2]]
+    assert stage_scope("all", 0, 2) == [0, 1]
+    model, tok = stories()
+    tasks = demo_stream(n_train=8, n_eval=2, seed=0)[:3]
+    res = run_stream(model, tasks, {"disable_tqdm": True}, tokenizer=tok, method="seqlora", output_dir=tmp_path,
+                     max_new_tokens=2, progress=False, eval_scope="diagonal+final", truncation="middle")
+    # R[t][t] after each stage, every task after the last: OP and BWT, no FWT nor forgetting
+    assert [[v is None for v in row] for row in res.matrix] == [[False, True, True], [True, False, True], [False] * 3]
+    assert res.summary["op"] is not None and res.summary["bwt"] is not None
+    assert res.summary["fwt"] is None and res.summary["forgetting"] is None
+    with pytest.raises(ValueError, match="`truncation` must be one of"):
+        run_stream(model, tasks, tokenizer=tok, truncation="right")
+
+
+def test_generate_answers_sorted_and_per_row_tasks(stories, tmp_path):
+    from peft import get_peft_model
+
+    from peft_asr import ASRConfig
+    from peft_asr.cl.runner import generate_answers
+
+    model, tok = stories()
+    tasks = demo_stream(n_train=4, n_eval=3, seed=0)[:2]
+    prompts = [r["prompt"] for t in tasks for r in t.eval] + ["Tell me a story about a very small dog and a cat."]
+    plain = generate_answers(model, tok, prompts, max_new_tokens=3, batch_size=2)
+    # batching prompts of similar length together gives every prompt its own answer, in the caller's order
+    assert generate_answers(model, tok, prompts, max_new_tokens=3, batch_size=2, sort_by_length=True) == plain
+    peft_model = get_peft_model(model, ASRConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4,
+                                                 target_modules=["q_proj", "v_proj"], router_layer=2))
+    for task in tasks:
+        peft_model.add_task(task.name)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if name.endswith(f".{tasks[1].name}") and ".asr_B." in name:
+                p.normal_(0, 5.0)  # task 1's subspace changes answers; task 0's is zero (the base model)
+    peft_model.eval()
+    names = [tasks[0].name, tasks[1].name] * 3 + [None]
+    routed = generate_answers(peft_model, tok, prompts, max_new_tokens=3, batch_size=2, sort_by_length=True,
+                              task_names=names)
+    for k, name in enumerate(names):
+        with peft_model.use_task(name):
+            alone = generate_answers(peft_model, tok, [prompts[k]], max_new_tokens=3)
+        assert routed[k] == alone[0], k
+    assert any(a != b for a, b, n in zip(routed, plain, names) if n == tasks[1].name)
+    with pytest.raises(ValueError, match="`task_names` has 1 entries for 7 prompts"):
+        generate_answers(peft_model, tok, prompts, task_names=[None])

@@ -330,6 +330,41 @@ def test_truncation_cuts_the_prompt_from_the_left(stories_tok):
     assert tok.decode(cut["input_ids"][:n_prompt], skip_special_tokens=True).endswith("Answer:")  # end kept
 
 
+def test_middle_truncation_keeps_the_instruction_and_the_answer_cue(stories_tok):
+    tok = stories_tok
+    instruction = "Say what the story is about.\n"
+    body = " ".join(f"Lily saw {n} red birds in the park." for n in range(20))
+    prompt = instruction + body + "\nQuestion: who saw the birds?\nAnswer:"
+    row = {"prompt": prompt, "answer": "Lily"}
+    full = tokenize_examples(tok, [row], max_length=1024)[0]
+    cut = tokenize_examples(tok, [row], max_length=80, truncation="middle")[0]
+    assert len(full["input_ids"]) > 160 and len(cut["input_ids"]) <= 80
+    n_prompt = cut["labels"].count(IGNORE_INDEX)
+    text = tok.decode(cut["input_ids"][:n_prompt], skip_special_tokens=True)
+    assert cut["input_ids"][0] == tok.bos_token_id
+    assert text.startswith(instruction.strip()) and text.endswith("who saw the birds?\nAnswer:"), text
+    assert "Lily saw 0 red birds" in text and "10 red birds" not in text  # the middle of the input went
+    left = tokenize_examples(tok, [row], max_length=80)[0]  # the default still cuts the start
+    assert not tok.decode(left["input_ids"], skip_special_tokens=True).startswith(instruction.strip())
+    # prompt batches encode a prompt exactly as training does, with the same rule
+    (batch,) = prompt_batches(tok, [prompt], max_length=n_prompt, truncation="middle")
+    assert batch["input_ids"][0].tolist() == cut["input_ids"][:n_prompt]
+    with pytest.raises(ValueError, match="`truncation` must be one of \\('left', 'middle'\\), got 'right'"):
+        tokenize_examples(tok, [row], truncation="right")
+    with pytest.raises(ValueError, match="`truncation` must be one of"):
+        next(prompt_batches(tok, [prompt], truncation="end"))
+
+
+def test_middle_truncation_keeps_the_chat_template(chat_tok):
+    # the user text loses its middle; BOS, the turn markers and the generation prompt stay
+    (cut,) = tokenize_examples(chat_tok, [{"prompt": "what is two plus three the cat", "answer": "five"}],
+                               max_length=9, truncation="middle")  # 7 prompt tokens: 3 words of the 7
+    assert cut["input_ids"] == chat_tok.convert_tokens_to_ids(
+        ["<bos>", "<user>", "what", "is", "cat", "</user>", "<bot>", "five", "<eos>"])
+    (batch,) = prompt_batches(chat_tok, ["what is two plus three the cat"], max_length=7, truncation="middle")
+    assert batch["input_ids"][0].tolist() == cut["input_ids"][:7]
+
+
 def test_truncation_cuts_a_long_answer_only_beyond_half(stories_tok):
     tok = stories_tok
     row = {"prompt": "Tell me a story about a cat and a dog.\nAnswer:", "answer": "Once upon a time " * 20}

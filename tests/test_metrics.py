@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from peft_asr import cl as M
+from peft_asr.cl import metrics as CM
 
 NAN = float("nan")
 
@@ -118,6 +119,78 @@ def test_forward_transfer_errors():
         M.forward_transfer(R3, [0.1, None, 0.2])
     with pytest.raises(ValueError, match=r"`baseline\[2\]` must be a score in \[0, 1\], got 40"):
         M.cl_summary(R3, [0.1, 0.2, 40])
+
+
+# Only the diagonal and the last row measured (eval scope "diagonal+final").
+R3_DIAG_FINAL = [
+    [0.80, None, None],
+    [None, 0.90, None],
+    [0.50, 0.70, 0.40],
+]
+
+
+def test_diagonal_and_last_row_give_op_and_bwt_only():
+    # OP = (0.5 + 0.7 + 0.4) / 3; BWT = ((0.5 - 0.8) + (0.7 - 0.9)) / 2 = -0.25, as with the full R3
+    out = M.cl_summary(R3_DIAG_FINAL, BASE3)
+    assert out == pytest.approx({"op": 1.6 / 3, "bwt": -0.25, "fwt": None, "forgetting": None})
+    with pytest.raises(ValueError, match=r"forgetting needs `R\[1\]\[0\]` \(task 0's score after stage 1\)"):
+        M.forgetting(R3_DIAG_FINAL)
+    with pytest.raises(ValueError, match=r"FWT needs `R\[0\]\[1\]`"):
+        M.forward_transfer(R3_DIAG_FINAL, BASE3)
+    with pytest.raises(ValueError, match=r"`baseline\[2\]` must be a score in \[0, 1\], got 40"):
+        M.cl_summary(R3_DIAG_FINAL, [0.1, 0.2, 40])  # the baseline is checked although FWT is not computed
+    # the diagonal itself must be measured
+    with pytest.raises(ValueError, match=r"`R\[1\]\[1\]` must be a score .* The diagonal and the last row"):
+        M.cl_summary([[0.8, None, None], [0.85, None, None], [0.5, 0.7, 0.4]])
+
+
+def test_bootstrap_intervals_by_hand():
+    # every prompt of a task scores the same: every resample gives the same OP, so the interval is a point
+    # OP = (1 + 0 + 0.5) / 3 = 0.5; BWT = ((1 - 1) + (0 - 1)) / 2 = -0.5
+    final = [[1.0] * 5, [0.0] * 4, [0.5] * 3]
+    diag = [[1.0] * 5, [1.0] * 4, [0.5] * 3]
+    out = CM.bootstrap_intervals(final, diag, n_resamples=50)
+    assert out["op"] == pytest.approx((0.5, 0.5)) and out["bwt"] == pytest.approx((-0.5, -0.5))
+    assert CM.bootstrap_intervals(final)["bwt"] is None
+
+
+def test_bootstrap_intervals_pair_the_stages_and_have_the_binomial_width():
+    rng = np.random.default_rng(1)
+    final = [rng.integers(0, 2, 400).astype(float).tolist() for _ in range(2)]
+    # the same prompts scoring the same just after training: a paired resample never sees a difference
+    assert CM.bootstrap_intervals(final, final, seed=3)["bwt"] == (0.0, 0.0)
+    low, high = CM.bootstrap_intervals(final, seed=3)["op"]
+    point = np.mean([np.mean(f) for f in final])
+    # 800 Bernoulli(~0.5) prompts: standard error sqrt(0.25 / 800) = 0.0177, 95% half-width 1.96 * 0.0177 = 0.035
+    assert low < point < high and (high - low) / 2 == pytest.approx(0.035, abs=0.006)
+    assert CM.bootstrap_intervals(final, seed=3) == CM.bootstrap_intervals(final, seed=3)  # seeded
+    assert CM.bootstrap_intervals(final, seed=4) != CM.bootstrap_intervals(final, seed=3)
+
+
+def test_bootstrap_intervals_errors():
+    with pytest.raises(ValueError, match=r"task 0 has 2 final scores but 3 diagonal ones"):
+        CM.bootstrap_intervals([[1.0, 0.0]], [[1.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"`final\[1\]` must be a non-empty list"):
+        CM.bootstrap_intervals([[1.0], []])
+    with pytest.raises(ValueError, match=r"`final\[0\]` must hold scores in \[0, 1\]"):
+        CM.bootstrap_intervals([[100.0]])
+    with pytest.raises(ValueError, match=r"`diagonal` must hold one list of per-prompt scores per task \(2\)"):
+        CM.bootstrap_intervals([[1.0], [0.0]], [[1.0]])
+    with pytest.raises(ValueError, match=r"`confidence` must be in \(0, 1\)"):
+        CM.bootstrap_intervals([[1.0]], confidence=95)
+    with pytest.raises(ValueError, match="`n_resamples` must be an int >= 1"):
+        CM.bootstrap_intervals([[1.0]], n_resamples=0)
+
+
+def test_token_agreement_by_hand():
+    from peft_asr.cl.metrics import token_agreement
+
+    assert token_agreement([1, 2, 3], [1, 2, 3]) == 1.0
+    assert token_agreement([1, 9, 3], [1, 2, 3]) == pytest.approx(2 / 3)  # position 1 differs
+    assert token_agreement([1, 2], [1, 2, 3, 4]) == pytest.approx(2 / 4)  # the missing positions disagree
+    assert token_agreement([], []) == 1.0 and token_agreement([], [5]) == 0.0
+    with pytest.raises(ValueError, match="`tokens` must be a sequence of tokens, got str"):
+        token_agreement("abc", [1])
 
 
 # --------------------------------------------------------------------------------------------------------------

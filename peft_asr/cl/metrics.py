@@ -4,8 +4,10 @@ Pure Python / numpy: no model, no ``peft`` or ``transformers`` import, so every 
 (``tests/test_metrics.py`` does).
 
 Continual-learning metrics. After training tasks ``0..t`` in order, the model is evaluated on every task; ``R[t][i]``
-is its score on task ``i`` (in [0, 1]). ``R`` is ``T x T``; entries above the diagonal (``i > t``: tasks not trained
-yet) may be NaN / None, except that FWT needs ``R[i-1][i]``. With ``b[i]`` the base model's score on task ``i``:
+is its score on task ``i`` (in [0, 1]). ``R`` is ``T x T``; the diagonal and the last row must be measured (OP and
+BWT need them); every other entry may be NaN / None when it was not evaluated, and only the metrics that need it
+are then unavailable: FWT needs ``R[i-1][i]``, forgetting every ``R[l][i]`` with ``i <= l <= T-2``.
+``cl_summary`` gives None for a metric whose entries are missing. With ``b[i]`` the base model's score on task ``i``:
 
     OP          = 1/T     * sum_{i=0}^{T-1} R[T-1][i]                                                  (1)
     BWT         = 1/(T-1) * sum_{i=0}^{T-2} (R[T-1][i] - R[i][i])                                      (2)
@@ -16,6 +18,12 @@ yet) may be NaN / None, except that FWT needs ``R[i-1][i]``. With ``b[i]`` the b
 (GEM) and O-LoRA; (2) and (3) are GEM's BWT and FWT (TRACE reports BWT the same way); (4) is the average forgetting of
 Chaudhry et al. 2018 (RWalk). BWT < 0 means forgetting, FWT > 0 means earlier tasks helped a task before it was
 trained. With ``T = 1`` there is no earlier task: BWT and forgetting are 0.0 and FWT is None.
+
+Intervals. ``bootstrap_intervals`` resamples each task's evaluation prompts with replacement (the same draw for
+that task at every stage, so a task's score just after training and at the end move together) and reports the
+percentile interval of OP and BWT over the resamples: the uncertainty that comes from the finite test sets, not from
+the training seed. ``token_agreement`` compares two generated token sequences position by position (the drift of an
+answer from the base model's).
 
 Routing metrics. ``routing_confusion`` counts (true route, predicted route) pairs; rows are true routes, columns
 predicted ones, in the order of ``labels`` (which may include the base route ``"__base__"``).
@@ -42,9 +50,9 @@ __all__ = [
     "routing_accuracy",
     "check_same_length",
     "percent",
+    "bootstrap_intervals",
+    "token_agreement",
 ]
-
-
 
 
 def _as_matrix(scores: Any) -> np.ndarray:
@@ -81,10 +89,10 @@ def _as_matrix(scores: Any) -> np.ndarray:
     for k in range(t):
         for i in range(t):
             v = float(out[k, i])
-            if i <= k and not math.isfinite(v):
+            if (i == k or (k == t - 1 and i <= k)) and not math.isfinite(v):
                 raise ValueError(
-                    f"`R[{k}][{i}]` must be a score in [0, 1] (task {i} was trained by row {k}), got {v!r}. Only "
-                    "entries above the diagonal (tasks not trained yet) may be NaN or None."
+                    f"`R[{k}][{i}]` must be a score in [0, 1] (task {i} was trained by row {k}), got {v!r}. The "
+                    "diagonal and the last row must be measured; only other entries may be NaN or None."
                 )
             if not math.isnan(v) and not 0.0 <= v <= 1.0:
                 hint = " Scores must be fractions: divide 0-100 scores by 100." if 1.0 < v <= 100.0 else ""
@@ -144,23 +152,28 @@ def forward_transfer(R: Any, baseline: Sequence[float | None]) -> float | None:
     """
     r = _as_matrix(R)
     t = r.shape[0]
-    if isinstance(baseline, str) or not isinstance(baseline, (Sequence, np.ndarray)) or len(baseline) != t:
-        got = len(baseline) if isinstance(baseline, (Sequence, np.ndarray)) else type(baseline).__name__
-        raise ValueError(f"`baseline` must hold one base-model score per task ({t}), got {got}.")
+    _check_baseline(baseline, t)
     if t == 1:
         return None
     diffs = []
     for i in range(1, t):
-        b = baseline[i]
-        if b is None or isinstance(b, bool) or not isinstance(b, (int, float, np.number)) or not 0.0 <= b <= 1.0:
-            raise ValueError(f"`baseline[{i}]` must be a score in [0, 1], got {b!r}.")
         if math.isnan(r[i - 1, i]):
             raise ValueError(
                 f"FWT needs `R[{i - 1}][{i}]` (the score on task {i} before training it), got NaN/None. Evaluate "
                 f"task {i} after training task {i - 1}, or call `cl_summary(R)` without a baseline."
             )
-        diffs.append(r[i - 1, i] - float(b))
+        diffs.append(r[i - 1, i] - float(baseline[i]))
     return float(np.mean(diffs))
+
+
+def _check_baseline(baseline: Any, t: int) -> None:
+    if isinstance(baseline, str) or not isinstance(baseline, (Sequence, np.ndarray)) or len(baseline) != t:
+        got = len(baseline) if isinstance(baseline, (Sequence, np.ndarray)) else type(baseline).__name__
+        raise ValueError(f"`baseline` must hold one base-model score per task ({t}), got {got}.")
+    for i in range(1, t):
+        b = baseline[i]
+        if b is None or isinstance(b, bool) or not isinstance(b, (int, float, np.number)) or not 0.0 <= b <= 1.0:
+            raise ValueError(f"`baseline[{i}]` must be a score in [0, 1], got {b!r}.")
 
 
 def forgetting(R: Any) -> float:
@@ -178,6 +191,13 @@ def forgetting(R: Any) -> float:
     t = r.shape[0]
     if t == 1:
         return 0.0
+    for i in range(t - 1):
+        for l in range(i, t - 1):
+            if math.isnan(r[l, i]):
+                raise ValueError(
+                    f"forgetting needs `R[{l}][{i}]` (task {i}'s score after stage {l}), got NaN/None. Evaluate every "
+                    "trained task after every stage, or use BWT, which needs only the diagonal and the last row."
+                )
     # for task i, the max runs over the rows l = i..T-2 (after it was trained, before the last task)
     per_task = [r[i : t - 1, i].max() - r[t - 1, i] for i in range(t - 1)]
     return float(np.mean(per_task))
@@ -193,13 +213,23 @@ def cl_summary(R: Any, baseline: Sequence[float | None] | None = None) -> dict[s
             The base model's score per task; without it ``fwt`` is None.
 
     Returns:
-        `dict[str, float | None]`: keys ``op``, ``bwt``, ``fwt``, ``forgetting``.
+        `dict[str, float | None]`: keys ``op``, ``bwt``, ``fwt``, ``forgetting``; ``fwt`` is None without a baseline
+        or when an entry ``R[i-1][i]`` was not measured, ``forgetting`` None when an entry below the diagonal of the
+        rows ``0..T-2`` was not (e.g. only the diagonal and the last row were evaluated).
     """
+    r = _as_matrix(R)
+    t = r.shape[0]
+    fwt = None
+    if baseline is not None:
+        _check_baseline(baseline, t)
+        if not any(math.isnan(r[i - 1, i]) for i in range(1, t)):
+            fwt = forward_transfer(r, baseline)
+    measured = all(math.isfinite(r[l, i]) for i in range(t - 1) for l in range(i, t - 1))
     return {
-        "op": average_performance(R),
-        "bwt": backward_transfer(R),
-        "fwt": None if baseline is None else forward_transfer(R, baseline),
-        "forgetting": forgetting(R),
+        "op": average_performance(r),
+        "bwt": backward_transfer(r),
+        "fwt": fwt,
+        "forgetting": forgetting(r) if measured else None,
     }
 
 
@@ -271,3 +301,98 @@ def percent(value: float | None, signed: bool = False, width: int = 0) -> str:
     right-aligned to ``width``: the one format of the terminal report and of the bank card."""
     text = "-" if value is None else (f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}")
     return text.rjust(width)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Intervals and answer drift
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _item_scores(name: str, rows: Any, count: int) -> list[np.ndarray]:
+    if isinstance(rows, str) or not isinstance(rows, Sequence) or len(rows) != count:
+        got = len(rows) if isinstance(rows, Sequence) and not isinstance(rows, str) else type(rows).__name__
+        raise ValueError(f"`{name}` must hold one list of per-prompt scores per task ({count}), got {got}.")
+    out = []
+    for i, row in enumerate(rows):
+        values = np.asarray(row, dtype=np.float64) if isinstance(row, (Sequence, np.ndarray)) else None
+        if values is None or values.ndim != 1 or values.size == 0:
+            raise ValueError(f"`{name}[{i}]` must be a non-empty list of per-prompt scores, got {row!r:.60}.")
+        if not (np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all()):
+            raise ValueError(f"`{name}[{i}]` must hold scores in [0, 1], got {values.min()!r}..{values.max()!r}.")
+        out.append(values)
+    return out
+
+
+def bootstrap_intervals(
+    final: Sequence[Sequence[float]],
+    diagonal: Sequence[Sequence[float]] | None = None,
+    *,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float] | None]:
+    """Percentile bootstrap intervals of OP and BWT, resampling each task's evaluation prompts.
+
+    Args:
+        final (`Sequence[Sequence[float]]`): per task ``i``, the score of each of its evaluation prompts after the
+            last stage (the items behind ``R[T-1][i]``).
+        diagonal (`Sequence[Sequence[float]]`, *optional*): per task ``i``, the scores of the *same prompts in the
+            same order* just after training task ``i`` (behind ``R[i][i]``); needed for BWT.
+        n_resamples (`int`): bootstrap resamples.
+        confidence (`float`): coverage of the interval, in (0, 1).
+        seed (`int`): seed of the resampling (``numpy.random.default_rng``).
+
+    Each resample draws, for every task, as many prompts as it has, with replacement; a task's draw is shared by its
+    final and diagonal scores (the two are paired). OP and BWT of eq. (1) and (2) are computed on every resample and
+    the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles reported. ``scipy.stats.bootstrap`` is not
+    used: it pairs samples only when all have the same length, and task test sets differ in size.
+
+    Returns:
+        `dict`: ``op`` and ``bwt`` as ``(low, high)``; ``bwt`` is None without ``diagonal`` or when ``T = 1``.
+    """
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"`n_resamples` must be an int >= 1, got {n_resamples!r}.")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ValueError(f"`confidence` must be in (0, 1), e.g. 0.95, got {confidence!r}.")
+    count = len(final) if isinstance(final, Sequence) and not isinstance(final, str) else -1
+    if count < 1:
+        raise ValueError(f"`final` must hold one list of per-prompt scores per task, got {final!r:.60}.")
+    last = _item_scores("final", final, count)
+    diag = _item_scores("diagonal", diagonal, count) if diagonal is not None else None
+    if diag is not None:
+        for i, (a, b) in enumerate(zip(last, diag)):
+            if a.size != b.size:
+                raise ValueError(f"task {i} has {a.size} final scores but {b.size} diagonal ones; both must score the "
+                                 "same prompts in the same order.")
+    rng = np.random.default_rng(seed)
+    op = np.zeros(n_resamples)
+    bwt = np.zeros(n_resamples)
+    for i, scores in enumerate(last):
+        idx = rng.integers(0, scores.size, size=(n_resamples, scores.size))  # (B, n_i) prompts drawn
+        final_i = scores[idx].mean(axis=1)  # (B,)
+        op += final_i / count
+        if diag is not None and i < count - 1:
+            bwt += (final_i - diag[i][idx].mean(axis=1)) / (count - 1)
+    tails = [(1 - confidence) / 2, (1 + confidence) / 2]
+
+    def interval(values: np.ndarray) -> tuple[float, float]:
+        low, high = np.quantile(values, tails)
+        return float(low), float(high)
+
+    return {"op": interval(op), "bwt": interval(bwt) if diag is not None and count > 1 else None}
+
+
+def token_agreement(tokens: Sequence[Any], reference: Sequence[Any]) -> float:
+    """Share of positions where two generated sequences agree: ``sum_k 1[a_k == b_k] / max(|a|, |b|)``.
+
+    Compares, e.g., a fine-tuned model's greedy answer with the base model's (token ids or strings, up to the end of
+    sequence): 1.0 means the same answer, a position beyond the shorter sequence counts as a disagreement. Two empty
+    sequences agree (1.0).
+    """
+    for name, seq in (("tokens", tokens), ("reference", reference)):
+        if isinstance(seq, str) or not isinstance(seq, Sequence):
+            raise ValueError(f"`{name}` must be a sequence of tokens, got {type(seq).__name__}.")
+    longest = max(len(tokens), len(reference))
+    if longest == 0:
+        return 1.0
+    return sum(a == b for a, b in zip(tokens, reference)) / longest

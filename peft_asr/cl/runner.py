@@ -30,12 +30,29 @@ from ..tuner.config import BASE_ROUTE, ASRConfig
 from .metrics import cl_summary, percent, routing_accuracy, routing_confusion
 from .scorers import get_scorer
 from .tasks import Task
-from .tokenization import PromptAnswerCollator, prompt_batches, tokenize_examples
+from .tokenization import TRUNCATIONS, PromptAnswerCollator, prompt_batches, tokenize_examples
 
-__all__ = ["StreamResults", "run_stream", "generate_answers", "evaluate_tasks", "evaluate_routing", "METHODS"]
+__all__ = ["StreamResults", "run_stream", "generate_answers", "evaluate_tasks", "evaluate_routing", "stage_scope",
+           "METHODS", "EVAL_SCOPES"]
 
 METHODS = ("asr", "seqlora")
-EVAL_SCOPES = ("all", "seen+next")
+EVAL_SCOPES = ("all", "seen+next", "diagonal+final")
+
+
+def stage_scope(eval_scope: str, stage: int, num_tasks: int) -> list[int]:
+    """The tasks evaluated after ``stage`` (0-based) of a ``num_tasks`` stream, in order.
+
+    ``"all"``: every task (the full matrix); ``"seen+next"``: tasks ``0..stage+1`` (what OP, BWT, FWT and
+    forgetting need); ``"diagonal+final"``: task ``stage`` only, and every task after the last stage (what OP and
+    BWT need: about ``2T`` task evaluations instead of ``T^2 / 2``).
+    """
+    if eval_scope not in EVAL_SCOPES:
+        raise ValueError(f"`eval_scope` must be one of {EVAL_SCOPES}, got {eval_scope!r}.")
+    if eval_scope == "all" or stage == num_tasks - 1:
+        return list(range(num_tasks))
+    if eval_scope == "seen+next":
+        return list(range(min(stage + 2, num_tasks)))
+    return [stage]
 DEFAULT_TRAINING = dict(
     per_device_train_batch_size=8, learning_rate=2e-3, num_train_epochs=1, lr_scheduler_type="constant",
     warmup_steps=0, weight_decay=0.0, logging_strategy="no", save_strategy="no", report_to=[], seed=0,
@@ -86,22 +103,38 @@ class StreamResults:
 # ---------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 32,
-                     max_length: int = 256, use_chat_template: Optional[bool] = None, progress: bool = False) -> list[str]:
-    """Greedy answers (first line, stripped) for ``prompts``; routed per row when ``model`` is an ASR model."""
+                     max_length: int = 256, use_chat_template: Optional[bool] = None, progress: bool = False,
+                     truncation: str = "left", sort_by_length: bool = False,
+                     task_names: Optional[Sequence[Optional[str]]] = None) -> list[str]:
+    """Greedy answers (first line, stripped) for ``prompts``, in their order; routed per row when ``model`` is an
+    ASR model, or each row on its task of ``task_names`` (None: the base model).
+
+    ``sort_by_length`` batches prompts of similar length together (less padding, the same answers up to float
+    rounding); ``truncation`` is that of :func:`~peft_asr.cl.tokenization.prompt_batches`.
+    """
     from tqdm.auto import tqdm
 
-    answers: list[str] = []
-    batches = prompt_batches(tokenizer, prompts, batch_size=batch_size, max_length=max_length,
-                             use_chat_template=use_chat_template)
+    prompts = list(prompts)
+    if task_names is not None and len(task_names) != len(prompts):
+        raise ValueError(f"`task_names` has {len(task_names)} entries for {len(prompts)} prompts; give one per prompt.")
+    order = list(range(len(prompts)))
+    if sort_by_length:
+        order.sort(key=lambda i: len(prompts[i]))
+    answers: list[Optional[str]] = [None] * len(prompts)
+    batches = prompt_batches(tokenizer, [prompts[i] for i in order], batch_size=batch_size, max_length=max_length,
+                             use_chat_template=use_chat_template, truncation=truncation)
     total = -(-len(prompts) // batch_size)
-    for batch in tqdm(batches, total=total, desc="generate", disable=not progress, leave=False):
+    for k, batch in enumerate(tqdm(batches, total=total, desc="generate", disable=not progress, leave=False)):
+        rows = order[k * batch_size: (k + 1) * batch_size]
         device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {key: v.to(device) for key, v in batch.items()}
+        if task_names is not None:
+            batch["task_names"] = [task_names[i] for i in rows]
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         new = out[:, batch["input_ids"].shape[1]:]  # (B, L + new) -> (B, new)
-        for text in tokenizer.batch_decode(new, skip_special_tokens=True):
-            answers.append(text.strip().split("\n")[0].strip())
+        for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            answers[i] = text.strip().split("\n")[0].strip()
     return answers
 
 
@@ -127,7 +160,8 @@ def evaluate_routing(model, tokenizer, seen: Sequence[Task], **kwargs) -> dict:
         true.extend([task.name] * len(task.eval))
     for batch in prompt_batches(tokenizer, prompts, batch_size=kwargs.get("batch_size", 32),
                                 max_length=kwargs.get("max_length", 256),
-                                use_chat_template=kwargs.get("use_chat_template")):
+                                use_chat_template=kwargs.get("use_chat_template"),
+                                truncation=kwargs.get("truncation", "left")):
         pred.extend(model.route(**batch))
     labels = [BASE_ROUTE] + [t.name for t in seen]
     return {"labels": labels, "confusion": routing_confusion(true, pred, labels),
@@ -192,6 +226,7 @@ def run_stream(
     callbacks: Sequence = (),
     eval_scope: str = "all",
     on_stage_end: Optional[Callable[[int, Any, StreamResults], None]] = None,
+    truncation: str = "left",
 ) -> StreamResults:
     """Train ``tasks`` in order with ``method`` and evaluate every task after every stage.
 
@@ -210,11 +245,14 @@ def run_stream(
             training when not given and ``compute_baseline`` is true.
         output_dir: where the Trainer runs are written (one folder per stage).
         bank_dir: where the ASR bank is saved at the end (default: ``output_dir/bank``).
-        eval_scope: which tasks are evaluated after stage ``t``: ``"all"`` (every task, the full ``T x T``
-            matrix) or ``"seen+next"`` (tasks ``0..t+1``: everything OP, BWT, FWT and forgetting need, about half the
-            evaluation of a long stream; the entries not evaluated are ``None``).
+        eval_scope: which tasks are evaluated after stage ``t`` (:func:`stage_scope`): ``"all"`` (every task, the
+            full ``T x T`` matrix), ``"seen+next"`` (tasks ``0..t+1``: everything OP, BWT, FWT and forgetting need,
+            about half the evaluation of a long stream) or ``"diagonal+final"`` (task ``t``, and every task after
+            the last stage: OP and BWT); the entries not evaluated are ``None``.
         on_stage_end: called as ``on_stage_end(stage, model, results)`` after each stage's evaluation (the model is
             in eval mode), e.g. to measure more things on the model of that stage.
+        truncation: how a prompt longer than ``max_length`` is cut, for training, routing and generation alike:
+            ``"left"`` (its start is dropped) or ``"middle"`` (its start and end are kept).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, set_seed
@@ -224,8 +262,9 @@ def run_stream(
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
     _check_tasks(tasks)
-    if eval_scope not in EVAL_SCOPES:
-        raise ValueError(f"`eval_scope` must be one of {EVAL_SCOPES}, got {eval_scope!r}.")
+    stage_scope(eval_scope, 0, len(tasks))  # checks the scope
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"`truncation` must be one of {TRUNCATIONS}, got {truncation!r}.")
     if on_stage_end is not None and not callable(on_stage_end):
         raise TypeError(f"`on_stage_end` must be callable, got {type(on_stage_end).__name__}.")
     model, tokenizer = _load(model_or_name, tokenizer)
@@ -237,7 +276,7 @@ def run_stream(
     if config.tasks:
         raise ValueError("`asr_config.tasks` must be empty: the runner adds the stream's tasks.")
     gen = dict(max_new_tokens=max_new_tokens, batch_size=eval_batch_size, max_length=max_length,
-               use_chat_template=use_chat_template, progress=progress)
+               use_chat_template=use_chat_template, progress=progress, truncation=truncation)
     results = StreamResults(method=method, tasks=[t.name for t in tasks])
     if baseline is None and compute_baseline:
         model.eval()
@@ -248,7 +287,8 @@ def run_stream(
         model = get_peft_model(model, config)
         if general_prompts:
             model.fit_router(prompt_batches(tokenizer, list(general_prompts), batch_size=eval_batch_size,
-                                            max_length=max_length, use_chat_template=use_chat_template),
+                                            max_length=max_length, use_chat_template=use_chat_template,
+                                            truncation=truncation),
                              task=None, progress=progress)
     else:
         targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
@@ -258,7 +298,8 @@ def run_stream(
     for stage, task in enumerate(tasks):
         args = _training_args(training_args, str(output_dir / f"{method}-{stage}-{task.name}"))
         set_seed(args.seed)
-        train_rows = tokenize_examples(tokenizer, task.train, max_length=max_length, use_chat_template=use_chat_template)
+        train_rows = tokenize_examples(tokenizer, task.train, max_length=max_length, use_chat_template=use_chat_template,
+                                       truncation=truncation)
         stage_callbacks = list(callbacks)
         asr_callback = None
         if method == "asr":
@@ -275,12 +316,13 @@ def run_stream(
             results.trainable_params = model.get_nb_trainable_parameters()[0]
         model.eval()
         start = time.perf_counter()
-        scope = len(tasks) if eval_scope == "all" else min(stage + 2, len(tasks))
-        scores = evaluate_tasks(model, tokenizer, tasks[:scope], **gen)
-        results.matrix.append(scores + [None] * (len(tasks) - scope))
+        scope = stage_scope(eval_scope, stage, len(tasks))
+        scored = dict(zip(scope, evaluate_tasks(model, tokenizer, [tasks[i] for i in scope], **gen)))
+        results.matrix.append([scored.get(i) for i in range(len(tasks))])
         if method == "asr":
             results.routing.append(evaluate_routing(model, tokenizer, tasks[: stage + 1], batch_size=eval_batch_size,
-                                                  max_length=max_length, use_chat_template=use_chat_template))
+                                                  max_length=max_length, use_chat_template=use_chat_template,
+                                                  truncation=truncation))
         eval_s = time.perf_counter() - start
         results.timings.append({"task": task.name, "train_s": round(train_s - router_s, 2),
                                 "router_s": round(router_s, 4), "eval_s": round(eval_s, 2),

@@ -7,7 +7,8 @@ Tokenisation follows one rule that the router depends on (``tuner.features.promp
 
 so ``labels == -100`` marks exactly the prompt, the tokens the router pools over. The prompt is encoded the same way
 for training (``tokenize_examples``) and for generation/routing (``prompt_batches``), so the router sees identical
-features in both.
+features in both. A prompt longer than ``max_length`` loses the start of its user text (``truncation="left"``) or
+the middle of it (``"middle"``: the instruction at its start and the ``Answer:`` cue at its end are kept).
 
 ``PromptAnswerCollator`` pads with ``torch.nn.utils.rnn.pad_sequence`` instead of wrapping
 ``transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``: that collator needs a tokenizer (this one
@@ -26,7 +27,9 @@ from torch.nn.utils.rnn import pad_sequence
 from ..tuner.features import IGNORE_INDEX  # label of positions without loss; it also marks the prompt for the router
 from .tasks import Row, check_rows
 
-__all__ = ["IGNORE_INDEX", "format_prompt", "tokenize_examples", "PromptAnswerCollator", "prompt_batches"]
+__all__ = ["IGNORE_INDEX", "TRUNCATIONS", "format_prompt", "tokenize_examples", "PromptAnswerCollator", "prompt_batches"]
+
+TRUNCATIONS = ("left", "middle")  # which part of a too-long user prompt is dropped
 
 
 def _has_chat_template(tokenizer: Any) -> bool:
@@ -72,14 +75,27 @@ def _encode_prompt(tokenizer: Any, prompt: str, use_chat_template: Optional[bool
     return ids
 
 
-def _encode_prompt_left_truncated(
-    tokenizer: Any, prompt: str, budget: int, use_chat_template: Optional[bool]
-) -> list[int]:
-    """``_encode_prompt`` with at most ``budget`` tokens, dropping the *start of the user prompt* first.
+def _cut(ids: list[int], drop: int, truncation: str) -> list[int]:
+    """``ids`` without ``drop`` tokens: the first ones (``"left"``) or the middle ones (``"middle"``: the kept tokens
+    are split evenly between the start and the end, the start getting the odd one)."""
+    keep = len(ids) - drop
+    if truncation == "left":
+        return ids[drop:]
+    head = (keep + 1) // 2
+    return ids[:head] + ids[len(ids) - (keep - head):]
 
-    The user text is cut on the left at token level and formatted again, so BOS and the chat-template header (which
-    tell the model where a turn starts) survive. Only if the template alone is longer than ``budget`` are the
-    formatted ids cut on the left directly (keeping a leading BOS).
+
+def _encode_prompt_truncated(
+    tokenizer: Any, prompt: str, budget: int, use_chat_template: Optional[bool], truncation: str = "left"
+) -> list[int]:
+    """``_encode_prompt`` with at most ``budget`` tokens, cutting the *user prompt* only.
+
+    ``truncation="left"`` drops the start of the user prompt; ``"middle"`` drops its middle (the kept tokens split
+    evenly between its start and its end), so an instruction at the start and the cue at the end (``Answer:``) both
+    survive while a long input between them is cut. The user text is cut at token level and formatted again, so BOS
+    and the chat-template header and generation prompt (which tell the model where a turn starts and ends) survive.
+    Only if the template alone is longer than ``budget`` are the formatted ids themselves cut the same way (a left
+    cut keeps a leading BOS).
     """
     ids = _encode_prompt(tokenizer, prompt, use_chat_template)
     if len(ids) <= budget:
@@ -89,15 +105,22 @@ def _encode_prompt_left_truncated(
     for _ in range(8):  # decode/encode may merge tokens differently: a few rounds converge
         if drop >= len(raw):
             break
-        text = tokenizer.decode(raw[drop:], skip_special_tokens=False)
+        text = tokenizer.decode(_cut(raw, drop, truncation), skip_special_tokens=False)
         ids = _encode_prompt(tokenizer, text, use_chat_template)
         if len(ids) <= budget:
             return ids
         drop += len(ids) - budget
+    if truncation == "middle":
+        return _cut(ids, len(ids) - budget, "middle")
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and ids and ids[0] == bos and budget >= 2:
         return [bos] + ids[len(ids) - budget + 1:]
     return ids[len(ids) - budget:]
+
+
+def _check_truncation(truncation: Any) -> None:
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"`truncation` must be one of {TRUNCATIONS}, got {truncation!r}.")
 
 
 def tokenize_examples(
@@ -106,6 +129,7 @@ def tokenize_examples(
     *,
     max_length: int = 256,
     use_chat_template: Optional[bool] = None,
+    truncation: str = "left",
 ) -> list[dict[str, list[int]]]:
     """Training rows ``{"input_ids", "labels"}`` (lists of ints) from ``{"prompt", "answer"}`` rows.
 
@@ -114,13 +138,16 @@ def tokenize_examples(
     router pools over. ``prompt_ids`` encodes ``format_prompt(tokenizer, prompt, use_chat_template)`` with BOS once;
     ``answer_ids`` encodes the answer without special tokens.
 
-    Truncation to ``max_length``: the prompt is cut from the left (its start is dropped; BOS and the chat-template
-    header are kept), so the answer is kept whole. Only an answer (+ eos) longer than ``max_length // 2`` that does
+    Truncation to ``max_length``: the prompt is cut, never the answer: from the left (``truncation="left"``, its
+    start is dropped) or in the middle (``"middle"``: its start and its end are kept, e.g. the instruction and the
+    final ``Answer:``); BOS and the chat template's header and generation prompt are kept either way. Only an answer (+ eos) longer than ``max_length // 2`` that does
     not fit is itself cut on the right (then without eos), leaving ``max_length // 2`` tokens to the prompt.
 
     Raises:
-        ValueError: ``max_length`` < 2, the tokenizer has no ``eos_token_id``, or a row lacks a prompt/answer.
+        ValueError: ``max_length`` < 2, an unknown ``truncation``, the tokenizer has no ``eos_token_id``, or a row
+            lacks a prompt/answer.
     """
+    _check_truncation(truncation)
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
         raise ValueError(f"`max_length` must be an int >= 2 (one prompt and one answer token), got {max_length!r}.")
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -134,7 +161,8 @@ def tokenize_examples(
         if len(prompt_ids) + len(answer_ids) > max_length:
             keep_prompt = max(max_length - len(answer_ids), min(len(prompt_ids), max_length // 2))
             answer_ids = answer_ids[: max_length - keep_prompt]
-            prompt_ids = _encode_prompt_left_truncated(tokenizer, row["prompt"], keep_prompt, use_chat_template)
+            prompt_ids = _encode_prompt_truncated(tokenizer, row["prompt"], keep_prompt, use_chat_template,
+                                                  truncation)
         if not prompt_ids:
             raise ValueError(f"prompt {row['prompt'][:50]!r} encodes to no token; the router needs a prompt token.")
         out.append({"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids})
@@ -194,17 +222,20 @@ def prompt_batches(
     batch_size: int = 16,
     max_length: int = 256,
     use_chat_template: Optional[bool] = None,
+    truncation: str = "left",
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Left-padded prompt batches for ``generate`` and routing, in the order of ``prompts``.
 
-    Each prompt is encoded exactly as in `tokenize_examples` (same formatting, BOS once, left truncation to
+    Each prompt is encoded exactly as in `tokenize_examples` (same formatting, BOS once, the same ``truncation`` to
     ``max_length``), so the router sees the features it was fitted on. Yields ``{"input_ids", "attention_mask"}``
     ``(B, L)`` long tensors. Left padding puts every prompt's last token at the end, where generation continues.
     The tokenizer's ``padding_side`` is restored after each batch.
 
     Raises:
-        ValueError: the tokenizer has no ``pad_token_id``, ``batch_size``/``max_length`` < 1, or a non-text prompt.
+        ValueError: the tokenizer has no ``pad_token_id``, ``batch_size``/``max_length`` < 1, an unknown
+            ``truncation``, or a non-text prompt.
     """
+    _check_truncation(truncation)
     for arg, value in (("batch_size", batch_size), ("max_length", max_length)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{arg}` must be an int >= 1, got {value!r}.")
@@ -216,7 +247,7 @@ def prompt_batches(
             raise ValueError(f"prompts[{i}] must be a non-empty str, got {p!r}.")
     for start in range(0, len(prompts), batch_size):
         encoded = [
-            {"input_ids": _encode_prompt_left_truncated(tokenizer, p, max_length, use_chat_template)}
+            {"input_ids": _encode_prompt_truncated(tokenizer, p, max_length, use_chat_template, truncation)}
             for p in prompts[start: start + batch_size]
         ]
         old_side = tokenizer.padding_side
