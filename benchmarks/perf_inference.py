@@ -14,21 +14,26 @@ projection and the argmax run inside the same forward. Forward: batch ``--batch`
 padding; ``generate``: greedy, ``--new-tokens`` new tokens. Medians over ``--reps`` interleaved rounds.
 ``--profile`` adds a ``torch.profiler`` table of the top ops of one ``asr_8mixed`` forward.
 
+Each model's results are kept with the command and machine that measured them: a run of some models replaces their
+entries in ``results/perf_inference.json`` and the RESULTS.md block, and keeps the others.
+
 Usage:
     python benchmarks/perf_inference.py                      # SmolLM2-135M and the tiny stories260K
+    python benchmarks/perf_inference.py --models stories --reps 31 --gen-reps 31 --threads 1
     python benchmarks/perf_inference.py --models smollm2 --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (STORIES, add_device_args, load_causal_lm, machine_line, md_table,  # noqa: E402
+from common import (RESULTS_DIR, STORIES, add_device_args, load_causal_lm, machine_line, md_table,  # noqa: E402
                     round_robin, save_json, versions, write_block)
 
 TARGETS = ["q_proj", "v_proj"]
@@ -45,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--router-layer", type=int, default=4)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--gen-reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     add_device_args(p)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--profile-only", action="store_true", help="only the profile (e.g. against an older checkout)")
@@ -97,10 +103,16 @@ def build(name: str, args):
         for k in range(tasks):
             model.add_task(f"task{k}")
         _randomize(model, 3)
-        # fit the router so that row i goes to task i % tasks: each row's own prompt is that task's data
+        # fit the router so that row i goes to task i % tasks: each row's own prompt, and copies of it with a tenth
+        # of the tokens redrawn (the default discriminant head needs prompts that vary within a task), are its data
         for k in range(tasks):
             rows = [i for i in range(args.batch) if i % tasks == k]
-            model.fit_router([{key: v[rows] for key, v in batch.items()}], task=f"task{k}", progress=False)
+            ids = batch["input_ids"][rows].cpu()
+            copies = [ids] + [torch.where(torch.rand(ids.shape, generator=g) < 0.1,
+                                          torch.randint(3, vocab, ids.shape, generator=g), ids) for _ in range(3)]
+            ids = torch.cat(copies).to(args.device)
+            model.fit_router([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], task=f"task{k}",
+                             progress=False)
         model.eval()
         routes = model.route(**batch)
         expected = [f"task{i % tasks}" for i in range(args.batch)]
@@ -184,18 +196,24 @@ def profile(model, batch, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+SETTINGS = ("command", "versions", "batch", "length", "rank", "new_tokens", "dtype")
+
+
+def _setting_line(entry: dict) -> list[str]:
+    return [f"Command: `{entry['command']}`", "", machine_line(entry["versions"]), "",
+            f"Batch {entry['batch']} x {entry['length']} tokens, LoRA r {entry['rank']} on {', '.join(TARGETS)} in the "
+            f"layers at and above the router layer (the same layers for PEFT and ASR), {entry['dtype']}; `generate` "
+            f"greedy, {entry['new_tokens']} new tokens per row. Medians of interleaved rounds.", ""]
+
+
 def markdown(results: dict) -> str:
-    lines = ["## Routed inference vs PEFT (`benchmarks/perf_inference.py`)", "", f"Command: `{results['command']}`",
-             "", machine_line(results["versions"]), "",
-             f"Batch {results['batch']} x {results['length']} tokens, LoRA r {results['rank']} on "
-             f"{', '.join(TARGETS)} in the layers at and above the router layer (the same layers for PEFT "
-             f"and ASR), {results['dtype']}; `generate` greedy, {results['new_tokens']} new tokens per row. "
-             "Medians of interleaved rounds.", ""]
+    lines = ["## Routed inference vs PEFT (`benchmarks/perf_inference.py`)", ""]
     for entry in results["models"]:
         rows = [[k, f"{v['forward_ms']:.1f}", f"{v['generate_s']:.2f}", f"{v['generate_tok_s']:.0f}"]
                 for k, v in entry["variants"].items()]
         lines += [f"**{entry['model']}** (router layer {entry['router_layer']}; {entry['layers_adapted']} of "
-                  f"{entry['num_layers']} layers adapted)", "",
+                  f"{entry['num_layers']} layers adapted; {entry.get('reps', '?')} forward and "
+                  f"{entry.get('gen_reps', '?')} `generate` rounds)", "", *_setting_line(entry),
                   md_table(["variant", "forward (ms)", "generate (s)", "generate (tokens/s)"], rows), "",
                   "Ratios: " + "; ".join(f"{k} **{r:.3f}**" for k, r in entry["ratios"].items()) + ".", ""]
         if entry.get("profile"):
@@ -204,21 +222,40 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _kept_entries(names: list[str]) -> list[dict]:
+    """The saved entries of the models this run does not measure, each with the settings it was measured with."""
+    path = RESULTS_DIR / "perf_inference.json"
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    kept = []
+    for entry in old.get("models", []):
+        if entry["model"] not in names:
+            kept.append({**{k: old[k] for k in SETTINGS if k in old}, **entry})  # older files: settings at the top
+    return kept
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.profile_only:
         models, batch, _, _ = build(args.models[0], args)
         print(profile(models["asr_8mixed"], batch))
         return 0
-    results = {"command": "python benchmarks/perf_inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "versions": versions(args.device), "batch": args.batch, "length": args.length, "rank": args.rank,
-               "router_layer": args.router_layer, "new_tokens": args.new_tokens, "dtype": args.dtype, "models": []}
+    command = "python benchmarks/perf_inference.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    settings = {"command": command.strip(), "versions": versions(args.device), "batch": args.batch,
+                "length": args.length, "rank": args.rank, "new_tokens": args.new_tokens, "dtype": args.dtype, "reps": args.reps, "gen_reps": args.gen_reps}
+    measured = []
     for name in args.models:
         if name == "stories" and not STORIES.is_dir():
             print(f"model stories skipped: {STORIES} is absent")
             continue
-        results["models"].append(measure(name, args))
-        print(markdown(results), flush=True)
+        measured.append({**settings, **measure(name, args)})  # router_layer: the one used (tiny models: lower)
+        print(markdown({"models": measured}), flush=True)
+    kept = _kept_entries([e["model"] for e in measured])
+    order = ["smollm2", "stories"]
+    results = {"models": sorted(kept + measured, key=lambda e: order.index(e["model"]) if e["model"] in order else 99)}
     save_json("perf_inference", results)
     if not args.no_markdown:
         write_block("perf_inference", markdown(results))

@@ -5,6 +5,10 @@ builds the variant, runs a short forward (weights are paged in on first use), th
 resident set during the forward minus the resident set just before it. The ASR bank has ``--tasks`` tasks, its router
 fitted on short random prompts, so the long rows are routed (pooling included), not pinned.
 
+Each child runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every tensor of 64 KiB or more from its own
+mapping and returns it to the system when it is freed, so the resident set follows the tensors alive instead of what
+the allocator kept from earlier ones (with glibc's defaults single runs varied by 480 MB).
+
 CPU only: on CUDA, ``torch.cuda.max_memory_allocated`` would be the figure to read instead.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +29,7 @@ from common import finish, load_causal_lm, machine_line, md_table, reset_peak, s
 
 TARGETS = ["q_proj", "v_proj"]
 VARIANTS = ("peft_lora", "asr_routed")
+MMAP_THRESHOLD = 65536  # bytes: larger allocations get their own mapping, unmapped when freed
 
 
 def parse_args(argv=None):
@@ -34,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--router-layer", type=int, default=4)
-    p.add_argument("--reps", type=int, default=3, help="processes per variant, alternating; the median is reported")
+    p.add_argument("--reps", type=int, default=5, help="processes per variant, alternating; the median is reported")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--no-markdown", action="store_true")
     return p.parse_args(argv)
@@ -96,8 +102,9 @@ def markdown(results: dict) -> str:
         f"Model {results['model']} (float32), one no-grad forward of {results['batch']} x {results['length']} tokens; "
         f"LoRA r {results['rank']} on {', '.join(TARGETS)} in blocks >= {results['router_layer']}; the ASR bank has "
         f"{results['tasks']} tasks and routes every row. One process per run, variants alternating; the peak resident "
-        "set (`VmHWM`, reset after a short warm-up forward) minus the resident set before the forward. The allocator "
-        "keeps freed memory, so single runs vary by a few hundred MB: read the median.", "",
+        "set (`VmHWM`, reset after a short warm-up forward) minus the resident set before the forward, with "
+        f"`MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}` (tensors of 64 KiB or more are returned to the system when freed, "
+        "so the resident set follows the tensors alive).", "",
         table, "",
         f"ASR / PEFT LoRA: {f'{asr / lora:.3f}x' if lora > 0 else 'n/a'} the forward's peak ({asr - lora:+.1f} MB), "
         f"medians of "
@@ -111,7 +118,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(args)))
         return 0
     command = "python benchmarks/perf_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results = {"command": command.strip(), "versions": versions("cpu"), "model": args.model, "batch": args.batch,
+    results = {"command": command.strip(), "versions": versions("cpu"), "malloc_mmap_threshold": MMAP_THRESHOLD, "model": args.model, "batch": args.batch,
                "length": args.length, "tasks": args.tasks, "rank": args.rank, "router_layer": args.router_layer,
                "reps": args.reps, "runs": []}
     passthrough = ["--model", args.model, "--batch", str(args.batch), "--length", str(args.length), "--tasks",
@@ -119,7 +126,7 @@ def main(argv=None) -> int:
     for variant in [v for _ in range(args.reps) for v in VARIANTS]:
         print(f"{variant} ...", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", variant, *passthrough], capture_output=True,
-                              text=True, check=False)
+                              text=True, check=False, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
         if proc.returncode != 0:
             raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
         results["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))

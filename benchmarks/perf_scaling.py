@@ -8,7 +8,10 @@ router fitted on ``--per-task`` random pooled features per task), then:
 * routed forward: batch ``--batch`` x ``--length`` tokens, every row routed to a different task (as many as T allows);
 * bank on disk: ``save_pretrained`` with the router statistics (the default, needed to keep learning after a reload)
   and without them (``save_router_statistics=False``: subspaces + solved router only);
-* memory: adapter parameters, router state (weight, counts, per-task Gram matrices) and the cached task stacks.
+* memory: adapter parameters, router state (weight, counts, per-task Gram matrices) and the cached task stacks;
+* the task-stack cache's trade: what stacking every layer's tasks costs (``rebuild``, timed interleaved with the cached
+  forward) and the routed forward with the cache switched off (``set_task_stack_cache(False)``: no copy of the bank
+  kept, every call stacks afresh), timed after the cached rounds.
 
 Usage:
     python benchmarks/perf_scaling.py
@@ -108,10 +111,21 @@ def one_size(num_tasks: int, args) -> dict:
         with torch.no_grad():
             peft_model(**batch)
 
-    fwd = round_robin({"forward": forward}, args.reps, args.device)
     layers = [m for m in peft_model.modules() if isinstance(m, ASRLayer)]
+    adapter = next(iter(layers[0].asr_A))
+
+    def rebuild():  # what a call without the cache pays on top: every layer's tasks stacked afresh
+        with torch.no_grad():
+            for m in layers:
+                torch.stack(list(m.asr_A[adapter].values())), torch.stack(list(m.asr_B[adapter].values()))
+
+    fwd = round_robin({"forward": forward, "rebuild": rebuild}, args.reps, args.device)
     adapter_bytes = _bytes(p for n, p in peft_model.named_parameters() if "asr_" in n)
     stack_bytes = sum(_bytes(m._asr_stack_cache[1:]) for m in layers if getattr(m, "_asr_stack_cache", None))
+    peft_model.set_task_stack_cache(False)
+    uncached = round_robin({"forward": forward}, args.reps, args.device)
+    left = sum(1 for m in layers if getattr(m, "_asr_stack_cache", None) is not None)
+    peft_model.set_task_stack_cache(True)
     router_bytes = _bytes(router.buffers())
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +137,9 @@ def one_size(num_tasks: int, args) -> dict:
     return {"tasks": num_tasks, "router_update_ms": round(1000 * timing["update"]["median_s"], 2),
             "forward_ms": round(1000 * fwd["forward"]["median_s"], 1), "distinct_routes_in_batch": distinct,
             "bank_bytes": sizes, "adapter_bytes": adapter_bytes, "router_state_bytes": router_bytes,
-            "stack_cache_bytes": stack_bytes, "add_task_s": round(add_s, 3), "E": router.dim}
+            "stack_cache_bytes": stack_bytes, "stack_rebuild_ms": round(1000 * fwd["rebuild"]["median_s"], 2),
+            "forward_no_cache_ms": round(1000 * uncached["forward"]["median_s"], 1), "caches_left_when_off": left,
+            "add_task_s": round(add_s, 3), "E": router.dim}
 
 
 def markdown(results: dict) -> str:
@@ -132,7 +148,8 @@ def markdown(results: dict) -> str:
         rows.append([r["tasks"], f"{r['router_update_ms']:.1f}", f"{r['forward_ms']:.0f}", r["distinct_routes_in_batch"],
                      f"{r['bank_bytes']['with_statistics'] / 1e6:.2f}", f"{r['bank_bytes']['without_statistics'] / 1e6:.2f}",
                      f"{r['adapter_bytes'] / 1e6:.2f}", f"{r['router_state_bytes'] / 1e6:.2f}",
-                     f"{r['stack_cache_bytes'] / 1e6:.2f}"])
+                     f"{r['stack_cache_bytes'] / 1e6:.2f}", f"{r['stack_rebuild_ms']:.1f}",
+                     f"{r['forward_no_cache_ms']:.0f}" if "forward_no_cache_ms" in r else "-"])
     first, last = results["sizes"][0], results["sizes"][-1]
     span = last["tasks"] - first["tasks"]
     slope = {k: (last["bank_bytes"][k] - first["bank_bytes"][k]) / span / 1e6 for k in first["bank_bytes"]} if span else {}
@@ -143,7 +160,13 @@ def markdown(results: dict) -> str:
              f"task ({results['per_task']} features) + the lazy solve; forward = batch {results['batch']} x "
              f"{results['length']} tokens, rows routed to as many different tasks as T allows. Medians.", "",
              md_table(["T", "router update (ms)", "routed forward (ms)", "tasks in the batch", "bank MB (with stats)",
-                       "bank MB (no stats)", "adapters MB", "router state MB", "task-stack cache MB"], rows), ""]
+                       "bank MB (no stats)", "adapters MB", "router state MB", "task-stack cache MB",
+                       "stacking all tasks (ms)", "routed forward, cache off (ms)"], rows), "",
+             "The task-stack cache is a second copy of the adapters that routed calls gather from; "
+             "`model.set_task_stack_cache(False)` drops it, and every routed call (a forward, or the first forward of "
+             "a `generate`: its decode steps reuse the rows gathered then) stacks the tasks afresh instead "
+             "(`stacking all tasks`, timed interleaved with the cached forward; the forward with the cache off is "
+             "timed after the cached rounds).", ""]
     if slope:
         lines += [f"Bank size slope from T = {first['tasks']} to {last['tasks']}: "
                   f"{slope['with_statistics']:.3f} MB per task with the statistics (subspaces + one E x E Gram "

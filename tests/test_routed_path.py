@@ -109,3 +109,57 @@ def test_task_stacks_are_rebuilt_when_a_subspace_changes():
     # a third task added after the cache was built is used at once
     model.add_task("gamma")
     assert len(layer._stacks(layer.asr_A[adapter], layer.asr_B[adapter])[0]) == 3
+
+
+def _pinned_generate(model, batch, tasks, new_tokens):
+    rows = []
+    for i, task in enumerate(tasks):
+        with model.use_task(task):
+            rows.append(model.generate(**{k: v[i:i + 1] for k, v in batch.items()}, max_new_tokens=new_tokens,
+                                       do_sample=False, pad_token_id=0)[0])
+    return torch.stack(rows)
+
+
+def test_generate_gathers_each_layers_rows_once_and_equals_each_row_pinned(monkeypatch):
+    import peft_asr.tuner.layer as layer_module
+
+    model = two_task_model()
+    batch = _mixed_batch()
+    with torch.no_grad():
+        tasks = model.route(**batch)
+        gathers = []
+        original = layer_module.gather_rows
+        monkeypatch.setattr(layer_module, "gather_rows", lambda *a: gathers.append(1) or original(*a))
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        layers = sum(1 for m in model.modules() if isinstance(m, ASRLayer))
+        assert len(gathers) == layers  # the prefill gathers; the 3 decode steps reuse it
+        gathers.clear()
+        model(**batch)
+        model(**batch)
+        assert len(gathers) == 2 * layers  # outside generate every call gathers for its own rows
+        monkeypatch.setattr(layer_module, "gather_rows", original)
+        assert set(tasks) == {"alpha", "beta"}
+        assert torch.equal(out, _pinned_generate(model, batch, tasks, 4))
+        # a second generate with other rows gathers afresh (nothing is kept between calls)
+        other = {k: v.flip(0) for k, v in batch.items()}
+        assert torch.equal(model.generate(**other, max_new_tokens=4, do_sample=False, pad_token_id=0),
+                           _pinned_generate(model, other, tasks[::-1], 4))
+
+
+def test_the_task_stack_cache_can_be_switched_off_with_the_same_answers():
+    model = two_task_model()
+    batch = _mixed_batch()
+    layers = [m for m in model.modules() if isinstance(m, ASRLayer)]
+    with torch.no_grad():
+        cached = model(**batch).logits
+        assert all(m._asr_stack_cache is not None for m in layers)
+        model.set_task_stack_cache(False)
+        assert all(m._asr_stack_cache is None for m in layers)  # the copy goes at once
+        fresh = model(**batch).logits
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert all(m._asr_stack_cache is None for m in layers)  # and no routed call keeps one
+        model.set_task_stack_cache(True)
+        assert torch.equal(generated, model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0))
+    assert torch.equal(cached, fresh)
+    with pytest.raises(TypeError, match="must be True or False"):
+        model.set_task_stack_cache("no")

@@ -100,9 +100,11 @@ def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
             pooled = tuner._pool(hidden, call.inputs or {}, strict=False)  # (B, L, d) -> (B, d), no host sync
         call.task_ids = router.predict(pooled).to(hidden.device)  # (B',)
 
+    # one `generate`: each layer keeps its rows' gathered subspaces here on the first forward, for every later step
+    gathered: Optional[dict] = {} if call.generating else None
+
     def hand_over(_module, args, kwargs):
-        ids = call.task_ids
-        if ids is None:
+        if call.task_ids is None:
             raise RuntimeError(
                 "an adapted layer ran before the router decided: the router block did not run in this call (e.g. "
                 "`encoder_outputs` were passed); pass `input_ids` so routing can run, or `task_names=[...]`."
@@ -116,6 +118,8 @@ def routing_hooks(tuner, call: RoutingCall) -> Iterator[None]:
                 "routed."
             )
         kwargs["asr_task_ids"] = ids
+        if gathered is not None:
+            kwargs["asr_gathered"] = gathered
         return args, kwargs
 
     def record(_module, _args, _kwargs, output):

@@ -9,10 +9,13 @@ The layer applies either
   or, in training mode, the task being trained (``trainable_task``; configuration, so gradient-checkpointing
   recomputation outside the forward call sees it too), or
 * one task *per row* when the routing pass hands it ``asr_task_ids`` (B,) through a scoped forward pre-hook
-  (class 0 = base route: no adapter; class t+1 = ``tasks[t]``). The per-row path (`gathered_delta`) gathers each
-  row's A/B from the stacked task matrices and runs two batched matmuls, with no Python loop over tasks and no device
-  synchronisation. The stacks are cached while no task's parameters change (in eval the bank is frozen), so a
-  routed forward does not copy T * r * (in + out) numbers per layer. `grouped_delta` in ``benchmarks/kernels.py`` (one matmul per
+  (class 0 = base route: no adapter; class t+1 = ``tasks[t]``). The per-row path gathers each row's A/B from the
+  stacked task matrices (`gather_rows`) and runs two batched matmuls, the second one adding into the base output, with
+  no Python loop over tasks and no device synchronisation. The stacks are kept while no task's parameters change (in
+  eval the bank is frozen), so a routed forward does not copy T * r * (in + out) numbers per layer; that copy of the
+  bank can be switched off (`ASRModel.set_task_stack_cache(False)`, cost in docs/performance.md). Inside one
+  ``generate`` the rows' gathered A/B of the first forward serve every later step (the routing hook hands over a
+  per-call dict), so a decode step runs two matmuls per adapted layer and gathers nothing. `grouped_delta` in ``benchmarks/kernels.py`` (one matmul per
   task present, which needs the host to know the tasks of the batch) is the exact reference it is tested and
   benchmarked against.
 
@@ -34,23 +37,39 @@ from transformers.pytorch_utils import Conv1D
 from .config import BASE_ROUTE
 from .merging import NOT_PINNED, merge_delta, unmerge_delta
 
-__all__ = ["ASRLayer", "Linear", "gathered_delta"]
+__all__ = ["ASRLayer", "Linear", "gather_rows", "gathered_delta"]
+
+
+def gather_rows(task_ids: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
+                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``A^T`` (B, in, r) and ``scaling * B^T`` (B, r, out), gathered from the stacks of every task.
+
+    ``a_all`` (T, r, in) and ``b_all`` (T, out, r) stack every task; row ``i`` uses task ``task_ids[i] - 1``, and rows
+    with ``task_ids[i] == 0`` (base route) get a zero ``B``, so their update is zero. No host synchronisation.
+    """
+    index = (task_ids - 1).clamp(min=0)  # (B,) row -> task position; base rows are zeroed below
+    keep = (task_ids > 0).to(b_all.dtype).mul_(scaling).view(-1, 1, 1)  # (B, 1, 1): scaling, 0 for the base route
+    a = a_all.index_select(0, index).transpose(1, 2)  # (T, r, in) -> (B, r, in) -> (B, in, r)
+    b = (b_all.index_select(0, index) * keep).transpose(1, 2)  # (T, out, r) -> (B, out, r) -> (B, r, out)
+    return a, b
 
 
 def gathered_delta(x: torch.Tensor, task_ids: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
                    scaling: float) -> torch.Tensor:
-    """Per-row LoRA update without a loop over tasks: (B, L, in) -> (B, L, out).
+    """Per-row LoRA update without a loop over tasks: (B, L, in) -> (B, L, out) (rows as in :func:`gather_rows`)."""
+    a, b = gather_rows(task_ids, a_all, b_all, scaling)
+    return torch.bmm(torch.bmm(x.to(a.dtype), a), b)  # (B, L, in) @ (B, in, r) @ (B, r, out) -> (B, L, out)
 
-    ``a_all`` (T, r, in) and ``b_all`` (T, out, r) stack every task; row ``i`` uses task ``task_ids[i] - 1``, and rows
-    with ``task_ids[i] == 0`` (base route) get a zero update. No host synchronisation.
-    """
-    index = (task_ids - 1).clamp(min=0)  # (B,) row -> task position; base rows are zeroed below
-    a = a_all.index_select(0, index)  # (B, r, in)
-    b = b_all.index_select(0, index)  # (B, out, r)
-    h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # (B, L, in) @ (B, in, r) -> (B, L, r)
-    delta = torch.bmm(h, b.transpose(1, 2)) * scaling  # (B, L, r) @ (B, r, out) -> (B, L, out)
-    keep = (task_ids > 0).to(delta.dtype).view(-1, 1, 1)  # (B, 1, 1): 0 for the base route
-    return delta * keep
+
+def _add_rows(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``result + (x @ a) @ b`` per row, the second product written into the sum (one kernel, one output)."""
+    h = torch.bmm(x.to(a.dtype), a)  # (B, L, in) @ (B, in, r) -> (B, L, r)
+    if result.dtype == b.dtype:
+        return torch.baddbmm(result, h, b)  # (B, L, out) + (B, L, r) @ (B, r, out)
+    return result + torch.bmm(h, b).to(result.dtype)
+
+
+_PACKAGE_KERNEL = gathered_delta  # `benchmarks/kernels.use_grouped` swaps this module's `gathered_delta` for a reference
 
 
 class ASRLayer(BaseTunerLayer):
@@ -73,6 +92,7 @@ class ASRLayer(BaseTunerLayer):
         self._kept_weight = None  # a quantized base weight as it was before the merge (`merging.KeptWeight`)
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
+        self.cache_stacks = True  # keep the stacked task matrices between routed calls (`ASRModel.set_task_stack_cache`)
         self.kwargs = kwargs
 
         base = self.get_base_layer()
@@ -180,7 +200,8 @@ class Linear(nn.Module, ASRLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, tasks)
 
-    def forward(self, x: torch.Tensor, *args: Any, asr_task_ids: Optional[torch.Tensor] = None, **kwargs: Any):
+    def forward(self, x: torch.Tensor, *args: Any, asr_task_ids: Optional[torch.Tensor] = None,
+                asr_gathered: Optional[dict] = None, **kwargs: Any):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
@@ -192,10 +213,8 @@ class Linear(nn.Module, ASRLayer):
         adapter = self.active_adapters[0] if self.active_adapters else None
         if adapter is None or adapter not in self.asr_A:
             return result
-        tasks_a, tasks_b = self.asr_A[adapter], self.asr_B[adapter]
-        dropout, scaling = self.asr_dropout[adapter], self.asr_scaling[adapter]
         if asr_task_ids is not None:
-            return result + self._routed_delta(x, asr_task_ids, tasks_a, tasks_b, dropout, scaling).to(result.dtype)
+            return self._routed(x, result, asr_task_ids, asr_gathered, adapter)
         task = self.active_task
         if task is None:
             if not (self.training and self.trainable_task is not None):
@@ -207,40 +226,59 @@ class Linear(nn.Module, ASRLayer):
             task = self.trainable_task  # a training forward (or its gradient-checkpointing recomputation)
         if task == BASE_ROUTE:
             return result  # base route: the plain base layer
-        a, b = tasks_a[task], tasks_b[task]
-        h = nn.functional.linear(dropout(x).to(a.dtype), a)  # (..., in) -> (..., r)
-        return result + (nn.functional.linear(h, b) * scaling).to(result.dtype)  # (..., r) -> (..., out)
+        a, b = self.asr_A[adapter][task], self.asr_B[adapter][task]
+        h = nn.functional.linear(self.asr_dropout[adapter](x).to(a.dtype), a)  # (..., in) -> (..., r)
+        return result + (nn.functional.linear(h, b) * self.asr_scaling[adapter]).to(result.dtype)  # -> (..., out)
 
     def _stacks(self, tasks_a: nn.ParameterDict, tasks_b: nn.ParameterDict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every task's A (T, r, in) and B (T, out, r), stacked; cached while the parameters are unchanged.
+        """Every task's A (T, r, in) and B (T, out, r), stacked; kept while the parameters are unchanged, unless
+        ``cache_stacks`` is off (``ASRModel.set_task_stack_cache``: then stacked afresh at every call, no copy kept).
 
         The cache key holds each parameter's storage and version counter, so an optimizer step, a reload, a new task
         or a move to another device rebuilds it. It is never used when gradients could flow into a subspace.
         """
         params = list(tasks_a.values()) + list(tasks_b.values())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        if not self.cache_stacks or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            self._asr_stack_cache = None
             return torch.stack(list(tasks_a.values())), torch.stack(list(tasks_b.values()))
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         cached = getattr(self, "_asr_stack_cache", None)
         if cached is None or cached[0] != key:
+            self._asr_stack_cache = None  # the old copy goes before the new one is made
             with torch.no_grad():
                 cached = (key, torch.stack(list(tasks_a.values())), torch.stack(list(tasks_b.values())))
             self._asr_stack_cache = cached  # a plain attribute: not a buffer, never saved
         return cached[1], cached[2]
 
-    def _routed_delta(self, x, task_ids, tasks_a, tasks_b, dropout, scaling) -> torch.Tensor:
-        """Per-row LoRA update: row i uses class ``task_ids[i]`` (0 = no adapter, t+1 = t-th task)."""
+    def _routed(self, x: torch.Tensor, result: torch.Tensor, task_ids: torch.Tensor, gathered: Optional[dict],
+                adapter: str) -> torch.Tensor:
+        """``result`` plus the per-row LoRA update: row i uses class ``task_ids[i]`` (0 = no adapter, t+1 = t-th task).
+
+        ``gathered`` is one ``generate`` call's dict (handed over by the routing hook): the decisions and the bank are
+        fixed for the call, so the rows' gathered A/B of its first forward serve every later step of it.
+        """
         squeeze = x.dim() == 2
         if squeeze:
-            x = x.unsqueeze(1)  # (B, in) -> (B, 1, in)
+            x, result = x.unsqueeze(1), result.unsqueeze(1)  # (B, in) -> (B, 1, in)
         if x.shape[0] != task_ids.shape[0]:
             raise RuntimeError(
                 f"the routed call has {task_ids.shape[0]} routing decisions but an adapted layer received "
                 f"{x.shape[0]} rows; pass one `task_names` entry per row, or call the model on the batch that was routed."
             )
-        a_all, b_all = self._stacks(tasks_a, tasks_b)
-        delta = gathered_delta(dropout(x), task_ids, a_all, b_all, scaling)
-        return delta.squeeze(1) if squeeze else delta
+        x = self.asr_dropout[adapter](x)
+        tasks_a, tasks_b, scaling = self.asr_A[adapter], self.asr_B[adapter], self.asr_scaling[adapter]
+        if gathered_delta is not _PACKAGE_KERNEL:  # a reference kernel swapped in (benchmarks/kernels.use_grouped)
+            out = result + gathered_delta(x, task_ids, *self._stacks(tasks_a, tasks_b), scaling).to(result.dtype)
+            return out.squeeze(1) if squeeze else out
+        kept = gathered.get(self) if gathered is not None else None
+        if kept is not None and kept[0] is task_ids:
+            a, b = kept[1], kept[2]  # a later step of the same `generate`: same rows, same decisions, same bank
+        else:
+            a, b = gather_rows(task_ids, *self._stacks(tasks_a, tasks_b), scaling)  # (B, in, r), (B, r, out)
+            if gathered is not None:
+                gathered[self] = (task_ids, a, b)
+        out = _add_rows(result, x, a, b)
+        return out.squeeze(1) if squeeze else out
 
     def __repr__(self) -> str:
         return "asr." + super().__repr__()

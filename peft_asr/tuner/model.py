@@ -295,6 +295,16 @@ class ASRModel(RouterFeaturesMixin, HarvestMixin, ExportMixin, BaseTuner):
         finally:
             self._pop_pin(token)
 
+    def set_task_stack_cache(self, enabled: bool) -> None:
+        """Keep (default) or drop the stacked copy of every task's A and B that routed calls gather from: off saves
+        one copy of the bank's adapters and stacks them at every routed call instead (docs/performance.md)."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"`enabled` must be True or False, got {enabled!r}.")
+        for layer in self._asr_layers():
+            layer.cache_stacks = enabled
+            if not enabled:
+                layer._asr_stack_cache = None
+
     def hold_task(self, name: Optional[str]) -> None:
         """Pin ``name`` until :meth:`release_task` (``use_task`` without a ``with`` block; one held pin at a time).
 
