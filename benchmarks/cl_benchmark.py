@@ -142,6 +142,20 @@ class Deadline:
         return self.end is None or self.longest == 0.0 or time.monotonic() + self.longest < self.end
 
 
+def recorded_argv(argv) -> str:
+    """The command line as the results record it: without ``--budget-minutes`` (a resumed run passes what is left,
+    which changes no number)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--budget-minutes":
+            skip = True
+        elif not arg.startswith("--budget-minutes="):
+            out.append(arg)
+    return " ".join(out)
+
+
 def save_json(path: Path, data: dict) -> None:
     """Write ``data`` whole or not at all (a temporary file renamed over the old one)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -289,7 +303,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         return report(out_dir, args.no_markdown)
-    command = "python benchmarks/cl_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/cl_benchmark.py " + recorded_argv(sys.argv[1:] if argv is None else argv)
     streams = {}
     for name in args.streams:
         tasks, labels, why = load_stream(name, args.train_per_task, args.eval_per_task, args.seed)

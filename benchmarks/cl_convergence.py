@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cl_benchmark import STOPPED, Deadline, save_json  # noqa: E402
+from cl_benchmark import STOPPED, Deadline, recorded_argv, save_json  # noqa: E402
 from cl_eval import Evaluator, mean  # noqa: E402
 from cl_methods import lora_config, stop_callback, train_rows  # noqa: E402
 from cl_report import report  # noqa: E402
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
                              "measure it afresh, or --out-dir for a separate folder.")
         data = {}
         shutil.rmtree(args.work_dir, ignore_errors=True)
-    command = "python benchmarks/cl_convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/cl_convergence.py " + recorded_argv(sys.argv[1:] if argv is None else argv)
     data.update(settings=settings, steps=args.steps_list, versions=versions(args.device), command=command,
                 rule=f"a task's curve flattens at the smallest step count within {100 * args.tolerance:g} point(s) "
                      f"of its best score; the budget is the largest of these over the tasks, at most {args.cap}.")

@@ -218,3 +218,14 @@ def test_a_stopped_run_resumes_at_the_next_stage_and_equals_an_uninterrupted_one
     # results of other settings are never mixed into a stream's file
     with pytest.raises(SystemExit, match=r"other settings \(steps: 1 -> 2; train_per_task: 4 -> 8\)"):
         cl.main([{"1": "2", "4": "8"}.get(x, x) for x in split])
+
+
+def test_recorded_command_leaves_out_the_budget_and_the_grid_hands_it_on(cl, capsys):
+    assert cl.recorded_argv(["--streams", "demo", "--budget-minutes", "12.5", "--steps", "4"]) == "--streams demo --steps 4"
+    assert cl.recorded_argv(["--budget-minutes=3", "--threads", "2"]) == "--threads 2"
+    grid = _load("cl_grid")
+    assert grid.main(["--dry-run", "--budget-minutes", "30", "--threads", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
+    assert [line.split(":")[0] for line in lines] == ["== convergence", "== short streams", "== long order"]
+    assert all(line.endswith("--threads 1 --budget-minutes 30.00") or "--budget-minutes 29.9" in line for line in lines)
+    assert "olora " not in lines[2] and "--methods asr asr-paper oracle seqlora replay multitask" in lines[2]
