@@ -212,8 +212,9 @@ def markdown(results: dict) -> str:
         rows = [[k, f"{v['forward_ms']:.1f}", f"{v['generate_s']:.2f}", f"{v['generate_tok_s']:.0f}"]
                 for k, v in entry["variants"].items()]
         lines += [f"**{entry['model']}** (router layer {entry['router_layer']}; {entry['layers_adapted']} of "
-                  f"{entry['num_layers']} layers adapted; {entry.get('reps', '?')} forward and "
-                  f"{entry.get('gen_reps', '?')} `generate` rounds)", "", *_setting_line(entry),
+                  f"{entry['num_layers']} layers adapted"
+                  + (f"; {entry['reps']} forward and {entry['gen_reps']} `generate` rounds)" if "reps" in entry
+                     else ")"), "", *_setting_line(entry),
                   md_table(["variant", "forward (ms)", "generate (s)", "generate (tokens/s)"], rows), "",
                   "Ratios: " + "; ".join(f"{k} **{r:.3f}**" for k, r in entry["ratios"].items()) + ".", ""]
         if entry.get("profile"):

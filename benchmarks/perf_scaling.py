@@ -41,7 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--router-layer", type=int, default=4)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="rounds of the forward timings")
+    p.add_argument("--update-reps", type=int, default=21,
+                   help="rounds of the router update (milliseconds each: 5 rounds varied by 1.4x)")
     add_device_args(p)
     p.add_argument("--no-markdown", action="store_true")
     return p.parse_args(argv)
@@ -59,7 +61,6 @@ def one_size(num_tasks: int, args) -> dict:
     from peft_asr.tuner.layer import ASRLayer
 
     model, _ = load_causal_lm(args.model, args.device, args.dtype)
-    d = model.config.hidden_size
     router_layer = min(args.router_layer, model.config.num_hidden_layers // 2)
     peft_model = get_peft_model(model, ASRConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=2 * args.rank,
                                                  target_modules=["q_proj", "v_proj"], router_layer=router_layer))
@@ -73,6 +74,7 @@ def one_size(num_tasks: int, args) -> dict:
             if "asr_" in name:
                 param.copy_(0.02 * torch.randn(param.shape, generator=g).to(param.dtype))
     router = peft_model.base_model.router
+    d = router.in_features  # the pooled feature's width (mean_last: twice the hidden size)
     centers = torch.randn(num_tasks + 1, d, generator=g, dtype=torch.float64)
 
     def feats(k):
@@ -91,7 +93,7 @@ def one_size(num_tasks: int, args) -> dict:
         router.partial_fit(extra, num_tasks + 1)
         router.solve()
 
-    timing = round_robin({"update": update}, args.reps, args.device)
+    timing = round_robin({"update": update}, args.update_reps, args.device)
     router.restore(snapshot)
     peft_model.remove_task("extra")
     router.solve()
@@ -158,7 +160,9 @@ def markdown(results: dict) -> str:
              f"Model {results['model']} ({results['dtype']}), LoRA r {results['rank']} on q_proj, v_proj; router "
              f"E = {first['E']}, per-task statistics kept (the default). Router update = `partial_fit` of one more "
              f"task ({results['per_task']} features) + the lazy solve; forward = batch {results['batch']} x "
-             f"{results['length']} tokens, rows routed to as many different tasks as T allows. Medians.", "",
+             f"{results['length']} tokens, rows routed to as many different tasks as T allows. Medians of "
+             f"{results.get('update_reps', results['reps'] if 'reps' in results else '?')} router-update and "
+             f"{results.get('reps', '?')} forward rounds.", "",
              md_table(["T", "router update (ms)", "routed forward (ms)", "tasks in the batch", "bank MB (with stats)",
                        "bank MB (no stats)", "adapters MB", "router state MB", "task-stack cache MB",
                        "stacking all tasks (ms)", "routed forward, cache off (ms)"], rows), "",
@@ -179,7 +183,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     results = {"command": "python benchmarks/perf_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "versions": versions(args.device), "model": args.model, "dtype": args.dtype, "rank": args.rank,
-               "batch": args.batch, "length": args.length, "per_task": args.per_task, "sizes": []}
+               "batch": args.batch, "length": args.length, "per_task": args.per_task,
+               "reps": args.reps, "update_reps": args.update_reps, "sizes": []}
     for t in args.tasks:
         print(f"T = {t} ...", flush=True)
         results["sizes"].append(one_size(t, args))
