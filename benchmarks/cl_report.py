@@ -162,15 +162,16 @@ def convergence_markdown(conv: dict) -> str:
 
 
 def op_groups(all_data: dict) -> dict:
+    """``{stream: {method: (op, low, high)}}`` of the finished methods whose OP has an interval."""
     groups = {}
     for name, data in all_data.items():
         bars = {}
         for method in METHOD_ORDER:
             m = data["methods"].get(method, {})
             s = m.get("summary", {})
-            if s.get("op") is not None and m.get("complete", True):
-                ci = s.get("op_ci") or (None, None)
-                bars[method] = (s["op"], ci[0], ci[1])
+            # only results with an interval: the 0.1 benchmark's (another budget, no per-prompt scores) are left out
+            if s.get("op") is not None and s.get("op_ci") and m.get("complete", True):
+                bars[method] = (s["op"], s["op_ci"][0], s["op_ci"][1])
         if bars:
             groups[name] = bars
     return groups
@@ -195,17 +196,19 @@ def plot_all(all_data: dict, img_dir: Path, conv: Optional[dict] = None) -> list
         plots.plot_op_by_method(groups, path, title="OP per method (95% bootstrap interval over test prompts)")
         out.append(("OP per stream and method", path))
     for name, data in all_data.items():
+        legacy = not any("stages" in m for m in data["methods"].values())
+        label = f"{name} (0.1 benchmark, its budget)" if legacy else name  # 0.1's results, labelled as such
         panels = {m: data["methods"][m] for m in METHOD_ORDER[:-1] if data["methods"].get(m, {}).get("matrix")}
         if panels:
             path = img_dir / f"cl_{name}_matrices.png"
             plots.plot_accuracy_matrices(panels, path)
-            out.append((f"{name}: accuracy matrices (blank: not measured)", path))
+            out.append((f"{label}: accuracy matrices (blank: not measured)", path))
         routing = last_routing(data["methods"].get("asr", {}))
         if routing:
             path = img_dir / f"cl_{name}_routing.png"
             plots.plot_routing_confusion(routing["labels"], routing["confusion"], path,
-                                         title=f"{name}: ASR routing after the last task")
-            out.append((f"{name}: ASR routing confusion after the last task", path))
+                                         title=f"{label}: ASR routing after the last task")
+            out.append((f"{label}: ASR routing confusion after the last task", path))
     return out
 
 

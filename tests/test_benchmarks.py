@@ -229,3 +229,11 @@ def test_recorded_command_leaves_out_the_budget_and_the_grid_hands_it_on(cl, cap
     assert [line.split(":")[0] for line in lines] == ["== convergence", "== short streams", "== long order"]
     assert all(line.endswith("--threads 1 --budget-minutes 30.00") or "--budget-minutes 29.9" in line for line in lines)
     assert "olora " not in lines[2] and "--methods asr asr-paper oracle seqlora replay multitask" in lines[2]
+
+
+def test_the_op_chart_shows_only_results_with_intervals(cl):
+    report = _load("cl_report")
+    legacy = {"methods": {"asr": {"summary": {"op": 0.4}}}}  # the 0.1 benchmark: no per-prompt scores
+    new = {"methods": {"asr": {"summary": {"op": 0.5, "op_ci": [0.4, 0.6]}, "complete": True},
+                       "seqlora": {"summary": {"op": 0.3, "op_ci": [0.2, 0.4]}, "complete": False}}}
+    assert report.op_groups({"old": legacy, "s": new}) == {"s": {"asr": (0.5, 0.4, 0.6)}}
