@@ -4,7 +4,8 @@ Runs, one after the other, each step's command until it finishes (each command r
 the convergence curve at its last checkpoint, every stream at the next stage of each method):
 
 1. ``cl_convergence.py``: the per-task budget;
-2. ``cl_benchmark.py --steps auto`` on the O-LoRA standard order, TRACE and the demo stream, every method;
+2. ``cl_benchmark.py --steps auto`` on the demo stream (its prompts are a few dozen tokens: the cheapest full table),
+   then the O-LoRA standard order and TRACE, every method;
 3. the same on O-LoRA's 14-task long order without ``olora`` (the first method the issue lets go on that stream:
    O-LoRA's penalty grows with the number of earlier adapters, and the 14-task stream alone would cost more than
    the three others together).
@@ -30,7 +31,7 @@ STOPPED = 75
 
 STEPS = (
     ("convergence", ["cl_convergence.py"]),
-    ("short streams", ["cl_benchmark.py", "--steps", "auto", "--streams", "olora-standard", "trace", "demo"]),
+    ("short streams", ["cl_benchmark.py", "--steps", "auto", "--streams", "demo", "olora-standard", "trace"]),
     ("long order", ["cl_benchmark.py", "--steps", "auto", "--streams", "olora-long14", "--methods", "asr",
                     "asr-paper", "oracle", "seqlora", "replay", "multitask"]),
 )
