@@ -16,8 +16,9 @@ long orders, TRACE, the demo stream) and method (``cl_asr``: ``asr``, ``asr-pape
 Runs survive sessions. Every stage's model (bank or adapter) and the stage's scores are saved as the stage
 completes (``--work-dir``, ``benchmarks/results/cl_<stream>.json``), so a killed run resumes at the next stage;
 ``--budget-minutes`` stops between stages (a stage starts only while the time left is at least the longest stage
-so far; the first stage of a run always starts) and writes what it has (exit status 75: run the same command again to continue). A stream JSON holds one
-set of settings: a run with other settings is refused before any work (``--replace`` starts that stream afresh).
+so far; the first stage of a run always starts) and writes what it has (exit status 75: run the same command again
+to continue). A stream JSON holds one set of settings: a run with other settings is refused before any work
+(``--replace`` starts that stream afresh).
 
 Writes the stream JSONs, the tables into benchmarks/RESULTS.md between the ``cl_benchmark`` markers, and the
 figures (accuracy matrices, routing confusion, OP per method with intervals, the convergence curve) into docs/img,

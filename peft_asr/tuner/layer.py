@@ -15,9 +15,9 @@ The layer applies either
   eval the bank is frozen), so a routed forward does not copy T * r * (in + out) numbers per layer; that copy of the
   bank can be switched off (`ASRModel.set_task_stack_cache(False)`, cost in docs/performance.md). Inside one
   ``generate`` the rows' gathered A/B of the first forward serve every later step (the routing hook hands over a
-  per-call dict), so a decode step runs two matmuls per adapted layer and gathers nothing. `grouped_delta` in ``benchmarks/kernels.py`` (one matmul per
-  task present, which needs the host to know the tasks of the batch) is the exact reference it is tested and
-  benchmarked against.
+  per-call dict), so a decode step runs two matmuls per adapted layer and gathers nothing. `grouped_delta` in
+  ``benchmarks/kernels.py`` (one matmul per task present, which needs the host to know the tasks of the batch) is the
+  exact reference it is tested and benchmarked against.
 
 A layer that gets none of these (an eval-mode call that bypassed the routing context, e.g. the inner model called
 directly) raises instead of silently answering with some task, and a row count it cannot map to the decisions
@@ -69,7 +69,7 @@ def _add_rows(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
     return result + torch.bmm(h, b).to(result.dtype)
 
 
-_PACKAGE_KERNEL = gathered_delta  # `benchmarks/kernels.use_grouped` swaps this module's `gathered_delta` for a reference
+_PACKAGE_KERNEL = gathered_delta  # `benchmarks/kernels.use_grouped` swaps the module's `gathered_delta` for a reference
 
 
 class ASRLayer(BaseTunerLayer):
@@ -92,7 +92,7 @@ class ASRLayer(BaseTunerLayer):
         self._kept_weight = None  # a quantized base weight as it was before the merge (`merging.KeptWeight`)
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
-        self.cache_stacks = True  # keep the stacked task matrices between routed calls (`ASRModel.set_task_stack_cache`)
+        self.cache_stacks = True  # keep the task stacks between routed calls (`ASRModel.set_task_stack_cache`)
         self.kwargs = kwargs
 
         base = self.get_base_layer()
