@@ -237,3 +237,42 @@ def test_the_op_chart_shows_only_results_with_intervals(cl):
     new = {"methods": {"asr": {"summary": {"op": 0.5, "op_ci": [0.4, 0.6]}, "complete": True},
                        "seqlora": {"summary": {"op": 0.3, "op_ci": [0.2, 0.4]}, "complete": False}}}
     assert report.op_groups({"old": legacy, "s": new}) == {"s": {"asr": (0.5, 0.4, 0.6)}}
+
+
+def test_every_method_runs_end_to_end_on_a_small_stream(cl, stories_path, tmp_path, monkeypatch):
+    import cl_streams
+
+    monkeypatch.setitem(cl_streams.STREAMS, "demo2", cl_streams.Stream("demo", ("reverse", "echo"), "two tasks", 3))
+    argv = ["--model", str(stories_path), "--streams", "demo2", "--steps", "1", "--eval-per-task", "3",
+            "--train-per-task", "4", "--router-layer", "2", "--no-markdown", "--out-dir", str(tmp_path),
+            "--work-dir", str(tmp_path / "w")]
+    assert cl.main(argv) == 0
+    methods = json.loads((tmp_path / "cl_demo2.json").read_text())["methods"]
+    assert set(methods) == set(cl.METHODS)
+    for name, rec in methods.items():
+        assert rec["complete"], name
+        s = rec["summary"]
+        assert 0.0 <= s["op"] <= 1.0 and s["op_ci"][0] <= s["op"] <= s["op_ci"][1], name
+        assert rec["general"]["prompts"] > 0 if name not in ("oracle", "asr-paper") else True
+    # asr-paper trains nothing: the subspaces are asr's, the router the paper's
+    assert all(st["steps"] == 0 for st in methods["asr-paper"]["stages"])
+    assert methods["oracle"]["summary"]["bwt"] == 0.0
+    # replay's second stage trains on the task's rows and one row of the first task
+    assert [st["train_rows"] for st in methods["replay"]["stages"]] == [4, 5]
+    assert methods["multitask"]["timings"][0]["steps"] == 2  # T x steps
+    assert (tmp_path / "cl_demo2_matrices.png").is_file() and (tmp_path / "cl_op_by_method.png").is_file()
+
+
+def test_the_convergence_curve_runs_and_chooses_a_budget(stories_path, tmp_path):
+    if not (BENCH.parents[1] / "shared" / "data" / "olora" / "COPA").is_dir():
+        pytest.skip("../shared/data/olora is absent: the curve trains on its tasks")
+    conv = _load("cl_convergence")
+    argv = ["--model", str(stories_path), "--tasks", "olora:COPA", "--steps-list", "1", "2", "--eval-per-task", "3",
+            "--no-markdown", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "w")]
+    assert conv.main(argv) == 0
+    data = json.loads((tmp_path / "cl_convergence.json").read_text())
+    curve = data["curves"]["COPA"]
+    assert curve["complete"] and curve["steps"] == [1, 2] and len(curve["items"]["2"]) == 3
+    assert data["chosen"] in (1, 2) and curve["flattens_at"] == data["chosen"]
+    assert conv.main(argv) == 0  # a finished curve is not measured again
+    assert (tmp_path / "cl_convergence.png").is_file()
