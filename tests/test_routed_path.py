@@ -111,6 +111,15 @@ def test_task_stacks_are_rebuilt_when_a_subspace_changes():
     assert len(layer._stacks(layer.asr_A[adapter], layer.asr_B[adapter])[0]) == 3
 
 
+def _per_row_pinned(model, batch, tasks):
+    rows = []
+    with torch.no_grad():
+        for i, task in enumerate(tasks):
+            with model.use_task(task):
+                rows.append(model(**{k: v[i:i + 1] for k, v in batch.items()}).logits[0])
+    return torch.stack(rows)
+
+
 def _pinned_generate(model, batch, tasks, new_tokens):
     rows = []
     for i, task in enumerate(tasks):
@@ -158,6 +167,9 @@ def test_the_task_stack_cache_can_be_switched_off_with_the_same_answers():
         fresh = model(**batch).logits
         generated = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert all(m._asr_stack_cache is None for m in layers)  # and no routed call keeps one
+        tasks = model.route(**batch)
+        assert torch.allclose(fresh, _per_row_pinned(model, batch, tasks), atol=1e-5)  # each row alone, task pinned
+        assert torch.equal(generated, _pinned_generate(model, batch, tasks, 3))
         model.set_task_stack_cache(True)
         assert torch.equal(generated, model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0))
     assert torch.equal(cached, fresh)
