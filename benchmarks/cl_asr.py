@@ -102,6 +102,7 @@ class ASR:
         before = self.cache.generated
         items = self.cache.score(self.model, ev, {i: routes[i] for i in scope})
         return {"items": items, "routing": routing_record(ev, routes, stage + 1),
+                "routes": {str(i): routes[i] for i in scope},  # per prompt: what cl_gaps splits the gaps by
                 "generated": self.cache.generated - before}
 
     def save(self, folder: Path) -> None:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from cl_gaps import gaps_markdown
 from cl_streams import DEFAULT_STREAMS, STREAMS
 from common import REPO, RESULTS_DIR, RESULTS_MD, write_block
 
@@ -135,6 +136,9 @@ def stream_markdown(name: str, data: dict, about: str = "") -> str:
         for label, row in zip(labels, routing["confusion"]):
             if sum(row) or label != "__base__":
                 lines.append(f"| {label} | " + " | ".join(str(c) for c in row) + " |")
+    gaps = gaps_markdown(data, data["settings"].get("seed", 0))
+    if gaps:
+        lines += ["", gaps]
     if data.get("commands"):
         lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in data["commands"]) + "."]
     return "\n".join(lines)

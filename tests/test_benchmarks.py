@@ -113,6 +113,36 @@ def test_summarise_records_the_measured_entries_and_intervals(cl):
     assert out["measured"] == [[2, 0], [2, 1], [2, 2]] and out["matrix"][0][0] == 0.5
 
 
+def test_the_gaps_to_the_oracle_are_split_by_where_misrouted_prompts_went(cl):
+    import cl_gaps
+
+    # task a: 4 prompts; asr sends prompt 1 to b (it loses 1) and prompt 2 to the base (it gains 1), the rest right
+    # task b: 2 prompts, both right; after stage 0, a's prompt 1 was still routed right: one prompt changed route
+    oracle = {"complete": True, "stages": [_stage(1, {0: [1.0, 1.0, 0.0, 1.0], 1: [1.0, 0.0]})]}
+    asr = {"complete": True, "stages": [
+        _stage(0, {0: [1.0, 1.0, 0.0, 1.0]}, routes={"0": ["a", "a", "__base__", "a"]}),
+        _stage(1, {0: [1.0, 0.0, 1.0, 1.0], 1: [1.0, 0.0]}, routes={"0": ["a", "b", "__base__", "a"], "1": ["b", "b"]})]}
+    multitask = {"complete": True, "items": {"0": [1.0, 1.0, 1.0, 1.0], "1": [0.0, 0.0]}}
+    data = {"tasks": ["a", "b"], "methods": {"asr": asr, "oracle": oracle, "multitask": multitask},
+            "settings": {"seed": 0}}
+    gaps = cl_gaps.asr_gaps(data)
+    a, b = gaps["routers"]["asr"]["tasks"]
+    assert a["routed_right"] == 0.5 and a["gap"] == 0.0  # -1 and +1 over 4 prompts
+    assert (a["to_tasks"], a["to_base"], a["right_routed"]) == (-0.25, 0.25, 0.0)
+    assert b["routed_right"] == 1.0 and b["gap"] == 0.0 and b["right_routed"] == 0.0
+    assert gaps["routers"]["asr"]["bwt"] == {"changed": 1, "prompts": 4}
+    assert "asr-paper" not in gaps["routers"]  # not measured: no row for it
+    # oracle - multitask = ((0.75 - 1) + (0.5 - 0)) / 2 = 0.125
+    point, (low, high) = gaps["oracle_vs_multitask"]
+    assert point == 0.125 and low <= point <= high
+    text = cl_gaps.gaps_markdown(data)
+    assert "asr: OP +0.0 [" in text and "1 of the earlier tasks' 4 prompts changed route" in text
+    assert "| a | 50.0 | 75.0 | 75.0 | +0.0 | -25.0 | +25.0 | +0.0 | 100.0 | -25.0 |" in text
+    assert "- OP, oracle - multi-task: +12.5 [" in text
+    # until the oracle is measured there is nothing to split
+    assert cl_gaps.gaps_markdown({**data, "methods": {"asr": asr}}) == ""
+
+
 def test_stream_markdown_names_settings_measured_entries_and_intervals(cl):
     import cl_eval
 
@@ -258,6 +288,13 @@ def test_every_method_runs_end_to_end_on_a_small_stream(cl, stories_path, tmp_pa
     # asr-paper trains nothing: the subspaces are asr's, the router the paper's
     assert all(st["steps"] == 0 for st in methods["asr-paper"]["stages"])
     assert methods["oracle"]["summary"]["bwt"] == 0.0
+    import cl_gaps
+
+    gaps = cl_gaps.asr_gaps(json.loads((tmp_path / "cl_demo2.json").read_text()))
+    for name in ("asr", "asr-paper"):  # a right-routed prompt has the oracle's very answer: its difference is 0
+        assert all(row["right_routed"] == 0.0 for row in gaps["routers"][name]["tasks"]), name
+        assert gaps["routers"][name]["bwt"]["prompts"] == 3, name
+    assert "oracle_vs_multitask" in gaps and "asr_vs_multitask" in gaps
     # replay's second stage trains on the task's rows and one row of the first task
     assert [st["train_rows"] for st in methods["replay"]["stages"]] == [4, 5]
     assert methods["multitask"]["timings"][0]["steps"] == 2  # T x steps

@@ -167,6 +167,25 @@ def test_bootstrap_intervals_pair_the_stages_and_have_the_binomial_width():
     assert CM.bootstrap_intervals(final, seed=4) != CM.bootstrap_intervals(final, seed=3)
 
 
+def test_bootstrap_intervals_of_the_paired_difference_of_two_methods():
+    rng = np.random.default_rng(2)
+    a = [rng.integers(0, 2, 300).astype(float).tolist() for _ in range(3)]
+    # b differs from a on 15 prompts of the first task only: OP(a) - OP(b) = (15 / 300) / 3 exactly
+    b = [list(t) for t in a]
+    flipped = [k for k, v in enumerate(b[0]) if v == 1.0][:15]
+    for k in flipped:
+        b[0][k] = 0.0
+    out = CM.bootstrap_intervals(a, versus=b, seed=0)
+    low, high = out["op_diff"]
+    assert low <= 15 / 300 / 3 <= high and low >= 0.0  # a never scores below b on a prompt: no draw goes below 0
+    op_low, op_high = out["op"]
+    assert high - low < (op_high - op_low) / 3  # paired: far narrower than one method's own interval
+    assert CM.bootstrap_intervals(a, versus=a)["op_diff"] == (0.0, 0.0)
+    assert "op_diff" not in CM.bootstrap_intervals(a)
+    with pytest.raises(ValueError, match=r"task 1 has 300 final scores but 2 versus ones"):
+        CM.bootstrap_intervals(a, versus=[a[0], [1.0, 0.0], a[2]])
+
+
 def test_bootstrap_intervals_errors():
     with pytest.raises(ValueError, match=r"task 0 has 2 final scores but 3 diagonal ones"):
         CM.bootstrap_intervals([[1.0, 0.0]], [[1.0, 0.0, 1.0]])

@@ -22,7 +22,8 @@ trained. With ``T = 1`` there is no earlier task: BWT and forgetting are 0.0 and
 Intervals. ``bootstrap_intervals`` resamples each task's evaluation prompts with replacement (the same draw for
 that task at every stage, so a task's score just after training and at the end move together) and reports the
 percentile interval of OP and BWT over the resamples: the uncertainty that comes from the finite test sets, not from
-the training seed. ``token_agreement`` compares two generated token sequences position by position (the drift of an
+the training seed; with ``versus`` (another method's scores of the same prompts) it also gives the paired interval of
+the difference of the two OPs. ``token_agreement`` compares two generated token sequences position by position (the drift of an
 answer from the base model's).
 
 Routing metrics. ``routing_confusion`` counts (true route, predicted route) pairs; rows are true routes, columns
@@ -327,6 +328,7 @@ def bootstrap_intervals(
     final: Sequence[Sequence[float]],
     diagonal: Sequence[Sequence[float]] | None = None,
     *,
+    versus: Sequence[Sequence[float]] | None = None,
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -338,6 +340,9 @@ def bootstrap_intervals(
             last stage (the items behind ``R[T-1][i]``).
         diagonal (`Sequence[Sequence[float]]`, *optional*): per task ``i``, the scores of the *same prompts in the
             same order* just after training task ``i`` (behind ``R[i][i]``); needed for BWT.
+        versus (`Sequence[Sequence[float]]`, *optional*): per task ``i``, another method's final scores of the *same
+            prompts in the same order*; adds ``op_diff``, the interval of ``OP(final) - OP(versus)`` with the two
+            methods' prompts drawn together (a paired comparison: far narrower than two separate intervals).
         n_resamples (`int`): bootstrap resamples.
         confidence (`float`): coverage of the interval, in (0, 1).
         seed (`int`): seed of the resampling (``numpy.random.default_rng``).
@@ -348,7 +353,8 @@ def bootstrap_intervals(
     used: it pairs samples only when all have the same length, and task test sets differ in size.
 
     Returns:
-        `dict`: ``op`` and ``bwt`` as ``(low, high)``; ``bwt`` is None without ``diagonal`` or when ``T = 1``.
+        `dict`: ``op`` and ``bwt`` as ``(low, high)``; ``bwt`` is None without ``diagonal`` or when ``T = 1``; with
+        ``versus``, ``op_diff`` as well.
     """
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
         raise ValueError(f"`n_resamples` must be an int >= 1, got {n_resamples!r}.")
@@ -358,28 +364,38 @@ def bootstrap_intervals(
     if count < 1:
         raise ValueError(f"`final` must hold one list of per-prompt scores per task, got {final!r:.60}.")
     last = _item_scores("final", final, count)
-    diag = _item_scores("diagonal", diagonal, count) if diagonal is not None else None
-    if diag is not None:
-        for i, (a, b) in enumerate(zip(last, diag)):
+    paired = {}
+    for name, rows in (("diagonal", diagonal), ("versus", versus)):
+        if rows is None:
+            continue
+        paired[name] = _item_scores(name, rows, count)
+        for i, (a, b) in enumerate(zip(last, paired[name])):
             if a.size != b.size:
-                raise ValueError(f"task {i} has {a.size} final scores but {b.size} diagonal ones; both must score the "
+                raise ValueError(f"task {i} has {a.size} final scores but {b.size} {name} ones; both must score the "
                                  "same prompts in the same order.")
+    diag, other = paired.get("diagonal"), paired.get("versus")
     rng = np.random.default_rng(seed)
     op = np.zeros(n_resamples)
     bwt = np.zeros(n_resamples)
+    diff = np.zeros(n_resamples)
     for i, scores in enumerate(last):
         idx = rng.integers(0, scores.size, size=(n_resamples, scores.size))  # (B, n_i) prompts drawn
         final_i = scores[idx].mean(axis=1)  # (B,)
         op += final_i / count
         if diag is not None and i < count - 1:
             bwt += (final_i - diag[i][idx].mean(axis=1)) / (count - 1)
+        if other is not None:
+            diff += (final_i - other[i][idx].mean(axis=1)) / count
     tails = [(1 - confidence) / 2, (1 + confidence) / 2]
 
     def interval(values: np.ndarray) -> tuple[float, float]:
         low, high = np.quantile(values, tails)
         return float(low), float(high)
 
-    return {"op": interval(op), "bwt": interval(bwt) if diag is not None and count > 1 else None}
+    out = {"op": interval(op), "bwt": interval(bwt) if diag is not None and count > 1 else None}
+    if other is not None:
+        out["op_diff"] = interval(diff)
+    return out
 
 
 def token_agreement(tokens: Sequence[Any], reference: Sequence[Any]) -> float:
