@@ -301,6 +301,20 @@ def test_every_method_runs_end_to_end_on_a_small_stream(cl, stories_path, tmp_pa
     assert (tmp_path / "cl_demo2_matrices.png").is_file() and (tmp_path / "cl_op_by_method.png").is_file()
 
 
+def test_the_benchmark_runs_in_bfloat16_as_a_gpu_run_would(cl, stories_path, tmp_path, monkeypatch):
+    """``--dtype bfloat16`` (the 7B-on-a-GPU command's dtype) through the routed methods and a plain LoRA."""
+    import cl_streams
+
+    monkeypatch.setitem(cl_streams.STREAMS, "demo2", cl_streams.Stream("demo", ("reverse", "echo"), "two tasks", 3))
+    argv = ["--model", str(stories_path), "--streams", "demo2", "--steps", "1", "--eval-per-task", "3",
+            "--train-per-task", "4", "--router-layer", "2", "--no-markdown", "--out-dir", str(tmp_path),
+            "--work-dir", str(tmp_path / "w"), "--dtype", "bfloat16", "--methods", "asr", "oracle", "seqlora"]
+    assert cl.main(argv) == 0
+    data = json.loads((tmp_path / "cl_demo2.json").read_text())
+    assert data["settings"]["dtype"] == "bfloat16"
+    assert all(data["methods"][m]["complete"] for m in ("asr", "oracle", "seqlora"))
+
+
 def test_the_convergence_curve_runs_and_chooses_a_budget(stories_path, tmp_path):
     if not (BENCH.parents[1] / "shared" / "data" / "olora" / "COPA").is_dir():
         pytest.skip("../shared/data/olora is absent: the curve trains on its tasks")
