@@ -126,10 +126,18 @@ def run_curve(task, labels, model, tokenizer, args, curve: dict, save, deadline:
     every = reduce(math.gcd, args.steps_list)
     out = Path(args.work_dir) / task.name
     eval_here = [0.0]  # seconds of scoring inside this call's training
+    # the training seconds and steps up to the last checkpoint (a killed run's later steps are trained again)
+    timed_s, timed_steps, first_step = curve.get("train_s", 0.0), curve.get("timed_steps", 0), [None]
+
+    def record_time(step: int) -> None:
+        curve["train_s"] = round(timed_s + time.perf_counter() - start - eval_here[0], 1)
+        curve["timed_steps"] = timed_steps + step - first_step[0]
 
     class Score(TrainerCallback):
         def on_step_end(self, targs, state, control, model=None, **kwargs):
             step = state.global_step
+            if first_step[0] is None:
+                first_step[0] = step - 1  # where this call's training started (a checkpoint when resumed)
             if step in args.steps_list and step not in curve["steps"]:
                 start = time.perf_counter()
                 items = evaluator.score(model, [0])[0]
@@ -144,6 +152,10 @@ def run_curve(task, labels, model, tokenizer, args, curve: dict, save, deadline:
                 print(f"  [{task.name}] step {step}: {100 * mean(items):.1f} [{100 * low:.1f}, {100 * high:.1f}]",
                       flush=True)
 
+        def on_save(self, targs, state, control, **kwargs):
+            record_time(state.global_step)
+            save()
+
     set_seed(args.seed)
     peft_model = get_peft_model(model, lora_config(args))
     settings = {**training_args(args), "save_strategy": "steps", "save_steps": every, "save_total_limit": 1}
@@ -156,7 +168,8 @@ def run_curve(task, labels, model, tokenizer, args, curve: dict, save, deadline:
         trainer.train(resume_from_checkpoint=get_last_checkpoint(str(out)) if out.is_dir() else None)
     finally:
         peft_model.unload()
-    curve["train_s"] = round(curve.get("train_s", 0.0) + time.perf_counter() - start - eval_here[0], 1)
+    if first_step[0] is not None:
+        record_time(trainer.state.global_step)
     if stop.stopped and trainer.state.global_step < args.steps:
         return False
     shutil.rmtree(out, ignore_errors=True)

@@ -150,12 +150,15 @@ def convergence_markdown(conv: dict) -> str:
              f"One PEFT LoRA per task (r {s['rank']} / alpha {s['alpha']} on {', '.join(s['targets'])}, batch "
              f"{s['batch_size']}, lr {s['lr']}, constant schedule), scored on {s['eval_per_task']} test prompts at "
              "most at each step count (%, 95% bootstrap interval in brackets):", "",
-             "| task | " + " | ".join(str(k) for k in conv["steps"]) + " | flattens at |",
-             "|---|" + "---|" * (len(conv["steps"]) + 1)]
+             "| task | " + " | ".join(str(k) for k in conv["steps"]) + " | flattens at | s / training step |",
+             "|---|" + "---|" * (len(conv["steps"]) + 2)]
     for task, curve in conv["curves"].items():
         cells = [with_ci(v, [lo, hi]) for v, lo, hi in zip(curve["scores"], curve["low"], curve["high"])]
         cells += ["-"] * (len(conv["steps"]) - len(cells))
-        lines.append(f"| {task} ({curve['source']}) | " + " | ".join(cells) + f" | {curve.get('flattens_at', '-')} |")
+        timed = curve.get("timed_steps")  # absent from runs before the time was kept per checkpoint
+        step_s = f"{curve['train_s'] / timed:.1f} ({timed} steps timed)" if timed else "-"
+        lines.append(f"| {task} ({curve['source']}) | " + " | ".join(cells)
+                     + f" | {curve.get('flattens_at', '-')} | {step_s} |")
     if conv.get("chosen") is not None:
         lines += ["", f"Rule: {conv['rule']} **Chosen budget: {conv['chosen']} steps per task**"
                       + (f" ({conv['note']})" if conv.get("note") else "") + "; every method trains that many steps "

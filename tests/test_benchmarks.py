@@ -321,10 +321,14 @@ def test_the_convergence_curve_runs_and_chooses_a_budget(stories_path, tmp_path)
     conv = _load("cl_convergence")
     argv = ["--model", str(stories_path), "--tasks", "olora:COPA", "--steps-list", "1", "2", "--eval-per-task", "3",
             "--no-markdown", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "w")]
-    assert conv.main(argv) == 0
+    assert conv.main(argv + ["--budget-minutes", "0.0001"]) == 75  # stops after the first checkpoint
+    first = json.loads((tmp_path / "cl_convergence.json").read_text())["curves"]["COPA"]
+    assert first["timed_steps"] == 1 and first["train_s"] > 0 and not first.get("complete")
+    assert conv.main(argv) == 0  # resumes at step 1: the time of both steps is kept
     data = json.loads((tmp_path / "cl_convergence.json").read_text())
     curve = data["curves"]["COPA"]
     assert curve["complete"] and curve["steps"] == [1, 2] and len(curve["items"]["2"]) == 3
+    assert curve["timed_steps"] == 2 and curve["train_s"] > first["train_s"]
     assert data["chosen"] in (1, 2) and curve["flattens_at"] == data["chosen"]
     assert conv.main(argv) == 0  # a finished curve is not measured again
     assert (tmp_path / "cl_convergence.png").is_file()
