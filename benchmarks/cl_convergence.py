@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cl_benchmark import STOPPED, Deadline, recorded_argv, save_json  # noqa: E402
 from cl_eval import Evaluator, mean  # noqa: E402
-from cl_methods import lora_config, stop_callback, train_rows  # noqa: E402
+from cl_methods import answer_loss_trainer, lora_config, stop_callback, train_rows  # noqa: E402
 from cl_report import report  # noqa: E402
 from cl_streams import SHARED, context_length, load_model, settings_diff, training_args  # noqa: E402
 from common import REPO, RESULTS_DIR, versions  # noqa: E402
@@ -115,7 +115,7 @@ def load_task(spec: str, args):
 def run_curve(task, labels, model, tokenizer, args, curve: dict, save, deadline: Deadline) -> bool:
     """Train one LoRA on ``task`` and score it at each step count of ``args.steps_list`` not yet in ``curve``."""
     from peft import get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import TrainerCallback, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from peft_asr.cl import PromptAnswerCollator
@@ -160,9 +160,10 @@ def run_curve(task, labels, model, tokenizer, args, curve: dict, save, deadline:
     peft_model = get_peft_model(model, lora_config(args))
     settings = {**training_args(args), "save_strategy": "steps", "save_steps": every, "save_total_limit": 1}
     stop = stop_callback(deadline)
-    trainer = Trainer(model=peft_model, args=TrainingArguments(output_dir=str(out), **settings),
-                      train_dataset=train_rows(SimpleNamespace(args=args, tokenizer=tokenizer), task.train),
-                      data_collator=PromptAnswerCollator(tokenizer.pad_token_id), callbacks=[Score(), stop])
+    trainer = answer_loss_trainer()(
+        model=peft_model, args=TrainingArguments(output_dir=str(out), **settings),
+        train_dataset=train_rows(SimpleNamespace(args=args, tokenizer=tokenizer), task.train),
+        data_collator=PromptAnswerCollator(tokenizer.pad_token_id), callbacks=[Score(), stop])
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=get_last_checkpoint(str(out)) if out.is_dir() else None)

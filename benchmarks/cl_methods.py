@@ -28,6 +28,39 @@ import torch
 from cl_eval import general_check
 from cl_streams import training_args
 
+IGNORE = -100  # the label of a position outside the answer (PromptAnswerCollator)
+
+
+def answer_loss_trainer():
+    """``Trainer`` with the model's own loss (mean cross-entropy over the labelled tokens) computed from the logits of
+    the positions that predict a labelled token only (``logits_to_keep``): the answers are a few tokens of each row,
+    and the LM head over every position is about a fifth of a SmolLM2 step (``benchmarks/perf_train_step.py``).
+    Single process (the benchmark's); with ``num_items_in_batch`` the loss is normalised over the accumulated batch,
+    as the model's is."""
+    from transformers import Trainer
+
+    class AnswerLossTrainer(Trainer):
+        loss_is_scaled_for_ga = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.accelerator.num_processes > 1:
+                raise RuntimeError("AnswerLossTrainer is single-process; train with the plain Trainer on several.")
+            target = inputs["labels"][:, 1:]  # position p predicts token p + 1
+            keep = (target != IGNORE).any(0).nonzero().squeeze(1)  # (K,) positions predicting a labelled token
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+            logits = outputs.logits.float()  # (B, K, V)
+            wanted = target[:, keep]  # (B, K)
+            total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), wanted.flatten(), ignore_index=IGNORE,
+                                                      reduction="sum")
+            if num_items_in_batch is None:
+                count = (wanted != IGNORE).sum() * self.args.gradient_accumulation_steps
+            else:
+                count = num_items_in_batch
+            loss = total / count
+            return (loss, outputs) if return_outputs else loss
+
+    return AnswerLossTrainer
+
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
@@ -49,13 +82,13 @@ def train_rows(ctx, rows):
 
 def train(ctx, model, rows, out: Path, trainer_cls=None, steps: Optional[int] = None, **trainer_kw) -> dict:
     """One Trainer run of ``rows`` (prompt/answer dicts); returns its seconds and steps."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     from peft_asr.cl import PromptAnswerCollator
 
     set_seed(ctx.args.seed)
     targs = TrainingArguments(output_dir=str(out), **training_args(ctx.args, steps))
-    trainer = (trainer_cls or Trainer)(model=model, args=targs, train_dataset=train_rows(ctx, rows),
+    trainer = (trainer_cls or answer_loss_trainer())(model=model, args=targs, train_dataset=train_rows(ctx, rows),
                                        data_collator=PromptAnswerCollator(ctx.tokenizer.pad_token_id), **trainer_kw)
     start = time.perf_counter()
     trainer.train()
@@ -164,7 +197,6 @@ class OLoRA(SeqLoRA):
 
     def train(self, stage: int) -> dict:
         from peft import get_peft_model
-        from transformers import Trainer
 
         args = self.ctx.args
         names = [f"task{i}" for i in range(stage + 1)]
@@ -176,7 +208,7 @@ class OLoRA(SeqLoRA):
         for pname, param in self.model.named_parameters():  # ... only the newest one trained
             param.requires_grad = f".{names[-1]}." in pname
 
-        class OLoRATrainer(Trainer):
+        class OLoRATrainer(answer_loss_trainer()):
             def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
                 loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
                 loss = loss + olora_penalty(model, names[-1], names[:-1], args.olora_lambda1, args.olora_lambda2)
@@ -211,7 +243,7 @@ def run_multitask(ctx, deadline) -> Optional[dict]:
     """Multi-task LoRA: ``T x steps`` steps over all tasks' rows, a Trainer checkpoint every ``steps`` steps
     (resumed from when present); None when the budget stopped it (its checkpoint kept for the next run)."""
     from peft import get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from peft_asr.cl import PromptAnswerCollator
@@ -225,8 +257,9 @@ def run_multitask(ctx, deadline) -> Optional[dict]:
     settings = {**training_args(args, args.steps * len(tasks)), "save_strategy": "steps", "save_steps": args.steps,
                 "save_total_limit": 1}
     stop = stop_callback(deadline)
-    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(out), **settings), train_dataset=rows,
-                      data_collator=PromptAnswerCollator(ctx.tokenizer.pad_token_id), callbacks=[stop])
+    trainer = answer_loss_trainer()(model=model, args=TrainingArguments(output_dir=str(out), **settings),
+                                    train_dataset=rows, callbacks=[stop],
+                                    data_collator=PromptAnswerCollator(ctx.tokenizer.pad_token_id))
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     start = time.perf_counter()
     try:

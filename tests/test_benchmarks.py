@@ -164,6 +164,46 @@ def test_stream_markdown_names_settings_measured_entries_and_intervals(cl):
     assert "| seqlora | 1 + 0 + 2 | 1 + 0 + 2 |" in text  # time per stage
 
 
+@pytest.mark.parametrize("kind", ["lora", "asr"])
+def test_the_answer_position_loss_equals_the_models_loss_and_gradients(cl, kind, tmp_path):
+    """The benchmark's Trainer computes logits only where a labelled token is predicted: the same loss and the same
+    gradients as the model's own loss over every position (right-padded rows of other lengths)."""
+    import cl_methods
+    from transformers import TrainingArguments
+
+    from peft_asr import ASRConfig
+    from peft_asr.cl import PromptAnswerCollator
+
+    torch.manual_seed(0)
+    if kind == "lora":
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    else:
+        model = get_peft_model(tiny_llama(), ASRConfig(r=4, target_modules=["q_proj", "v_proj"], router_layer=2))
+        model.add_task("a")
+    with torch.no_grad():  # B away from zero, so the adapters take part in the gradients
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    rows = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * (n - a) + list(range(3 + n - a, 3 + n))}
+            for n, a in ((9, 2), (6, 3), (12, 1))]
+    batch = PromptAnswerCollator(0)(rows)
+    model.train()
+    reference = model(**batch).loss
+    reference.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    trainer = cl_methods.answer_loss_trainer()(model=model, args=TrainingArguments(output_dir=str(tmp_path),
+                                                                                     use_cpu=True, report_to=[]))
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(6))
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    _, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    assert outputs.logits.shape[1] == 6  # positions 2, 3, 4, 6, 7, 10 predict an answer token; 6 of 12 are skipped
+
+
 def test_label_word_scoring():
     import cl_eval
 
