@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 STORIES = REPO.parent / "shared" / "models" / "stories260K"
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def versions(device: str = "cpu") -> dict:
@@ -40,6 +41,12 @@ def machine_line(v: dict) -> str:
     where = v.get("gpu") or f"{v['platform']}, {v['cpu_count']} CPUs ({v['threads']} threads)"
     return (f"Machine: {where}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
             f"peft-asr {v['peft_asr']}, python {v['python']}.")
+
+
+def add_model_arg(parser) -> None:
+    """``--model`` as ``load_causal_lm`` reads it."""
+    parser.add_argument("--model", default=None, help="HF causal LM folder or id, 'stories' (the tiny shared Llama), "
+                        "or the embedded SmolLM2-135M-Instruct (default)")
 
 
 def add_device_args(parser, model_dtype_help: str = "model dtype") -> None:

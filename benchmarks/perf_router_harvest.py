@@ -31,15 +31,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, add_device_args, finish, load_causal_lm, machine_line, md_table, versions  # noqa: E402
-
-SHARED = REPO.parent / "shared" / "data"
+from common import (SHARED_DATA, add_device_args, add_model_arg, finish, load_causal_lm, machine_line,  # noqa: E402
+                    md_table, versions)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="HF causal LM folder or id, 'stories' (the tiny shared Llama), or "
-                   "the embedded SmolLM2-135M-Instruct (default)")
+    add_model_arg(p)
     p.add_argument("--rows", type=int, default=128)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
@@ -52,10 +50,10 @@ def parse_args(argv=None):
 
 
 def task_rows(args) -> tuple[str, list[dict]]:
-    if (SHARED / "olora" / "yelp").is_dir():
+    if (SHARED_DATA / "olora" / "yelp").is_dir():
         from peft_asr.cl import load_olora_task
 
-        task = load_olora_task(SHARED / "olora", "yelp", max_train=args.rows, max_eval=1, seed=0)
+        task = load_olora_task(SHARED_DATA / "olora", "yelp", max_train=args.rows, max_eval=1, seed=0)
         return "O-LoRA yelp", list(task.train)
     from peft_asr.demo.stream import demo_stream
 

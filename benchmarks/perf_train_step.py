@@ -27,15 +27,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, add_device_args, finish, load_causal_lm, machine_line, md_table, round_robin, versions  # noqa: E402
-
-SHARED = REPO.parent / "shared" / "data"
+from common import (SHARED_DATA, add_device_args, add_model_arg, finish, load_causal_lm, machine_line,  # noqa: E402
+                    md_table, round_robin, versions)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="HF causal LM folder or id, 'stories' (the tiny shared Llama), or "
-                   "the embedded SmolLM2-135M-Instruct (default)")
+    add_model_arg(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="training rows cut to this many tokens (the benchmark's)")
     p.add_argument("--router-layer", type=int, default=4)
@@ -50,10 +48,10 @@ def batches(args, tokenizer) -> tuple[str, list[dict]]:
     from peft_asr.cl import PromptAnswerCollator, tokenize_examples
 
     n = args.batch_size * (args.reps + 1)
-    if (SHARED / "olora" / "amazon").is_dir():
+    if (SHARED_DATA / "olora" / "amazon").is_dir():
         from peft_asr.cl import load_olora_task
 
-        source, rows = "O-LoRA amazon", load_olora_task(SHARED / "olora", "amazon", max_train=n, max_eval=1, seed=0).train
+        source, rows = "O-LoRA amazon", load_olora_task(SHARED_DATA / "olora", "amazon", max_train=n, max_eval=1, seed=0).train
     else:
         from peft_asr.demo.stream import demo_stream
 
