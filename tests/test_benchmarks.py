@@ -135,7 +135,12 @@ def test_the_gaps_to_the_oracle_are_split_by_where_misrouted_prompts_went(cl):
     # oracle - multitask = ((0.75 - 1) + (0.5 - 0)) / 2 = 0.125
     point, (low, high) = gaps["oracle_vs_multitask"]
     assert point == 0.125 and low <= point <= high
+    asr["summary"] = {"op": 0.625, "bwt": 0.25, "bwt_ci": (0.0, 0.5)}
+    oracle["summary"] = {"op": 0.625}
     text = cl_gaps.gaps_markdown(data)
+    assert "ASR OP / oracle OP 1.000 (goal >= 0.98: met)" in text
+    assert "ASR BWT +25.0 [+0.0, +50.0] (goal within 0.5 of 0: missed)" in text
+    assert "ASR - multitask OP +12.5 [" in text and "(goal within 3 of multi-task: met)" in text
     assert "asr: OP +0.0 [" in text and "1 of the earlier tasks' 4 prompts changed route" in text
     assert "| a | 50.0 | 75.0 | 75.0 | +0.0 | -25.0 | +25.0 | +0.0 | 100.0 | -25.0 |" in text
     assert "- OP, oracle - multi-task: +12.5 [" in text
