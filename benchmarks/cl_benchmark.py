@@ -18,7 +18,8 @@ completes (``--work-dir``, ``benchmarks/results/cl_<stream>.json``), so a killed
 ``--budget-minutes`` stops between stages (a stage starts only while the time left is at least the longest stage
 so far; the first stage of a run always starts) and writes what it has (exit status 75: run the same command again
 to continue). A stream JSON holds one set of settings: a run with other settings is refused before any work
-(``--replace`` starts that stream afresh).
+(``--replace`` starts that stream afresh); the 0.1 benchmark's results of a stream are moved aside to
+``cl_<stream>-0.1.json`` instead, and the tables and figures show them apart, labelled.
 
 Writes the stream JSONs, the tables into benchmarks/RESULTS.md between the ``cl_benchmark`` markers, and the
 figures (accuracy matrices, routing confusion, OP per method with intervals, the convergence curve) into docs/img,
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cl_asr import ASR, ASRPaper, run_oracle  # noqa: E402
 from cl_eval import Evaluator, general_split, item_scores, mean, summarise  # noqa: E402
 from cl_methods import OLoRA, Replay, SeqLoRA, olora_penalty, run_multitask  # noqa: E402,F401
-from cl_report import report, stream_markdown, write_markdown  # noqa: E402,F401
+from cl_report import is_legacy, legacy_path, report, stream_markdown, write_markdown  # noqa: E402,F401
 from cl_streams import (DEFAULT_STREAMS, STREAMS, context_length, load_model, load_stream,  # noqa: E402
                         settings_diff, settings_of)
 from common import REPO, RESULTS_DIR, versions  # noqa: E402
@@ -324,6 +325,12 @@ def main(argv=None) -> int:
         settings = settings_of(args, name)
         path = out_dir / f"cl_{name}.json"
         data = json.loads(path.read_text()) if path.exists() else {}
+        if data and data.get("settings") != settings and is_legacy(data):
+            # the 0.1 benchmark's results (another budget, no per-prompt scores): kept beside, labelled, not mixed
+            os.replace(path, legacy_path(path))
+            print(f"{path.name} holds the 0.1 benchmark's results: moved to {legacy_path(path).name}, the report "
+                  "shows them apart", flush=True)
+            data = {}
         if data and data.get("settings") != settings:
             if not args.replace:
                 diff = "; ".join(settings_diff(data.get("settings", {}), settings))

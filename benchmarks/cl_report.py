@@ -23,6 +23,22 @@ DOCS_PAGE = REPO / "docs" / "benchmarks.md"
 DOCS_IMG = REPO / "docs" / "img"
 
 
+LEGACY = "-0.1"  # a stream's 0.1 results, once the new benchmark runs it: cl_<stream>-0.1.json
+
+
+def is_legacy(data: dict) -> bool:
+    """Results of the 0.1 benchmark: no method has per-stage records (nor per-prompt scores)."""
+    return bool(data.get("methods")) and not any("stages" in m for m in data["methods"].values())
+
+
+def legacy_path(path: Path) -> Path:
+    return path.with_name(path.stem + LEGACY + path.suffix)
+
+
+def about_of(key: str) -> str:
+    return STREAMS[key.removesuffix(LEGACY)].about
+
+
 def pct(v, signed: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -85,8 +101,9 @@ def measured_line(data: dict) -> str:
 
 def stream_markdown(name: str, data: dict, about: str = "") -> str:
     tasks, methods = data["tasks"], data["methods"]
-    legacy = not any("stages" in m for m in methods.values())
-    lines = [f"### {name}: {' -> '.join(tasks)}" + (f" ({about})" if about else ""), "",
+    legacy = is_legacy(data)
+    heading = f"{name.removesuffix(LEGACY)}{' (0.1 benchmark)' if legacy else ''}"
+    lines = [f"### {heading}: {' -> '.join(tasks)}" + (f" ({about})" if about else ""), "",
              settings_line(data["settings"], legacy)]
     lines += ["", measured_line(data)] if not legacy else []
     lines += ["", "| method | OP [95% CI] | BWT [95% CI] | FWT | forgetting | routing | trainable params | "
@@ -203,8 +220,8 @@ def plot_all(all_data: dict, img_dir: Path, conv: Optional[dict] = None) -> list
         plots.plot_op_by_method(groups, path, title="OP per method (95% bootstrap interval over test prompts)")
         out.append(("OP per stream and method", path))
     for name, data in all_data.items():
-        legacy = not any("stages" in m for m in data["methods"].values())
-        label = f"{name} (0.1 benchmark, its budget)" if legacy else name  # 0.1's results, labelled as such
+        legacy = is_legacy(data)
+        label = f"{name.removesuffix(LEGACY)} (0.1 benchmark, its budget)" if legacy else name  # labelled as such
         panels = {m: data["methods"][m] for m in METHOD_ORDER[:-1] if data["methods"].get(m, {}).get("matrix")}
         if panels:
             path = img_dir / f"cl_{name}_matrices.png"
@@ -260,9 +277,10 @@ def report(out_dir: Path, no_markdown: bool = False, quiet: bool = False) -> int
     (elsewhere the figures go next to the JSONs and no markdown is touched)."""
     all_data = {}
     for name in list(DEFAULT_STREAMS) + [s for s in STREAMS if s not in DEFAULT_STREAMS]:
-        path = out_dir / f"cl_{name}.json"
-        if path.exists():
-            all_data[name] = json.loads(path.read_text())
+        for key in (name, name + LEGACY):  # a stream, then its 0.1 results when the new ones replaced them
+            path = out_dir / f"cl_{key}.json"
+            if path.exists():
+                all_data[key] = json.loads(path.read_text())
     conv_path = out_dir / "cl_convergence.json"
     conv = json.loads(conv_path.read_text()) if conv_path.exists() else None
     if not all_data and conv is None:
@@ -271,9 +289,13 @@ def report(out_dir: Path, no_markdown: bool = False, quiet: bool = False) -> int
     default = out_dir.resolve() == RESULTS_DIR.resolve() and not no_markdown
     figures = plot_all(all_data, DOCS_IMG if default else out_dir, conv)
     if default:
-        write_markdown(all_data, RESULTS_MD, conv, figures, {n: STREAMS[n].about for n in all_data})
+        write_markdown(all_data, RESULTS_MD, conv, figures, {n: about_of(n) for n in all_data})
         write_figures_block(figures)
+        made = {Path(p).resolve() for _, p in figures}
+        for old in DOCS_IMG.glob("cl_*.png"):  # figures of results that are gone (e.g. renamed to their 0.1 name)
+            if old.resolve() not in made:
+                old.unlink()
     if not quiet:
         for name, data in all_data.items():
-            print(stream_markdown(name, data, STREAMS[name].about))
+            print(stream_markdown(name, data, about_of(name)))
     return 0

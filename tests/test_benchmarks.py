@@ -84,7 +84,29 @@ def test_stream_markdown_of_a_legacy_result_and_results_md_block(cl, tmp_path):
     cl.write_markdown({"s": data}, md)
     cl.write_markdown({"s": data}, md)  # rewriting replaces the block, never appends a second one
     out = md.read_text()
-    assert out.count(cl.MARK_START) == 1 and out.startswith("# Benchmark results\n\nintro\n") and "### s: a -> b" in out
+    assert out.count(cl.MARK_START) == 1 and out.startswith("# Benchmark results\n\nintro\n")
+    assert "### s (0.1 benchmark): a -> b" in out
+
+
+def test_a_new_run_moves_the_streams_01_results_aside_and_the_report_shows_both(cl, stories_path, tmp_path,
+                                                                                 monkeypatch):
+    import cl_streams
+
+    monkeypatch.setitem(cl_streams.STREAMS, "demo2", cl_streams.Stream("demo", ("reverse", "echo"), "two tasks", 3))
+    legacy = {"tasks": ["reverse", "echo"], "baseline": [0.0, 0.0], "settings": LEGACY_SETTINGS,
+              "methods": {"asr": {"tasks": ["reverse", "echo"], "matrix": [[0.5, 0.0], [0.5, 0.5]],
+                                  "summary": {"op": 0.5}}}}
+    (tmp_path / "cl_demo2.json").write_text(json.dumps(legacy))
+    argv = ["--model", str(stories_path), "--streams", "demo2", "--steps", "1", "--eval-per-task", "3",
+            "--train-per-task", "4", "--router-layer", "2", "--no-markdown", "--out-dir", str(tmp_path),
+            "--work-dir", str(tmp_path / "w"), "--methods", "seqlora"]
+    assert cl.main(argv) == 0  # not refused: 0.1's results are another budget, not a clash of settings
+    assert json.loads((tmp_path / "cl_demo2-0.1.json").read_text()) == legacy
+    assert json.loads((tmp_path / "cl_demo2.json").read_text())["methods"]["seqlora"]["complete"]
+    assert (tmp_path / "cl_demo2-0.1_matrices.png").is_file() and (tmp_path / "cl_demo2_matrices.png").is_file()
+    # a new-format result with other settings is still refused
+    with pytest.raises(SystemExit, match="other settings"):
+        cl.main([*argv[:5], "2", *argv[6:]])
 
 
 def _stage(stage, items, **extra):
