@@ -247,7 +247,9 @@ def write_markdown(all_data: dict, results_md: Path, conv: Optional[dict] = None
             "base model); forgetting: mean drop from the best earlier score (docs/metrics.md). Intervals: 95% "
             "percentile bootstrap over each task's test prompts (2,000 resamples, paired across stages). `oracle` "
             "uses ASR's own subspaces with the true task id, so `oracle - asr` is what routing costs; `asr-paper` the "
-            "same subspaces with the paper's router. `multitask` trains on all tasks at once (not continual).", "",
+            "same subspaces with the paper's router. `multitask` trains on all tasks at once (not continual). Once "
+            "`asr` and `oracle` have finished, a stream's section states its results against the goals and splits "
+            "every gap of ASR to the oracle by where its misrouted prompts went (`benchmarks/cl_gaps.py`).", "",
             "The whole grid, resumable: `python benchmarks/cl_grid.py --budget-minutes 120` (run again to continue; "
             "each section below says which of its methods have finished).", ""]
     if figures:
