@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -55,13 +56,22 @@ def add_device_args(parser, model_dtype_help: str = "model dtype") -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=model_dtype_help)
 
 
+def results_dir(no_markdown: bool) -> Path:
+    """Where a run's JSON goes: ``benchmarks/results`` beside the RESULTS.md table it backs, or, for a run that
+    leaves RESULTS.md alone (a smoke run), a scratch folder, so the committed JSON and its table never part."""
+    return Path(tempfile.gettempdir()) / "peft_asr_benchmarks" if no_markdown else RESULTS_DIR
+
+
 def finish(name: str, results: dict, markdown, no_markdown: bool) -> int:
-    """Save ``results`` as JSON, put its table into RESULTS.md (unless ``no_markdown``) and print it."""
-    save_json(name, results)
+    """Save ``results`` as JSON, put its table into RESULTS.md (unless ``no_markdown``: then the JSON goes to a
+    scratch folder, see ``results_dir``) and print it."""
+    path = save_json(name, results, results_dir(no_markdown))
     text = markdown(results)
     if not no_markdown:
         write_block(name, text)
     print(text)
+    if no_markdown:
+        print(f"results in {path} (benchmarks/results and RESULTS.md left as they are)")
     return 0
 
 

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS_DIR, STORIES, add_device_args, load_causal_lm, machine_line, md_table,  # noqa: E402
-                    round_robin, save_json, versions, write_block)
+                    results_dir, round_robin, save_json, versions, write_block)
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     kept = _kept_entries([e["model"] for e in measured])
     order = ["smollm2", "stories"]
     results = {"models": sorted(kept + measured, key=lambda e: order.index(e["model"]) if e["model"] in order else 99)}
-    save_json("perf_inference", results)
+    save_json("perf_inference", results, results_dir(args.no_markdown))
     if not args.no_markdown:
         write_block("perf_inference", markdown(results))
     return 0

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, md_table, reset_peak, round_robin, save_json, status_mb, versions, write_block  # noqa: E402
+from common import (machine_line, md_table, reset_peak, results_dir, round_robin, save_json, status_mb,  # noqa: E402
+                    versions, write_block)
 
 VARIANTS = ("full", "shallow")
 
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
             results["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(results["runs"][-1], flush=True)
         results["parity"] = parity_and_latency(path, str(bank), args)
-    save_json("perf_shallow_router", results)
+    save_json("perf_shallow_router", results, results_dir(not args.results_md))
     text = markdown(results)
     if args.results_md:
         write_block("perf_shallow_router", text)

@@ -231,6 +231,15 @@ def test_the_answer_position_loss_equals_the_models_loss_and_gradients(cl, kind,
     assert outputs.logits.shape[1] == 6  # positions 2, 3, 4, 6, 7, 10 predict an answer token; 6 of 12 are skipped
 
 
+def test_a_run_that_leaves_results_md_alone_leaves_the_committed_json_alone(capsys):
+    common = _load("common")
+    assert common.finish("scratch_probe", {"x": 1}, lambda r: "table", True) == 0
+    assert not (common.RESULTS_DIR / "scratch_probe.json").exists()
+    scratch = common.results_dir(True) / "scratch_probe.json"
+    assert json.loads(scratch.read_text()) == {"x": 1} and str(scratch) in capsys.readouterr().out
+    assert common.results_dir(False) == common.RESULTS_DIR
+
+
 def test_label_word_scoring():
     import cl_eval
 
