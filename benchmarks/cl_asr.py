@@ -13,7 +13,9 @@
                  ``i``'s subspace is frozen after stage ``i``, so its score right after its stage is its final one
                  (``R[i][i] = R[T-1][i]``, recorded as derived, not measured; BWT is 0 by construction).
 
-All three answer through one ``AnswerCache`` (``cl_eval``): a (prompt, route) pair is generated once.
+All three answer through one ``AnswerCache`` (``cl_eval``): a (prompt, route) pair is generated once. They run in
+the order ``asr``, ``oracle``, ``asr-paper``: the oracle adds its pinned answers to asr's final cache, and asr-paper
+starts from that cache, so a prompt any of the three routes to its own task gets one and the same answer.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def asr_final(ctx) -> Path:
 def _load_cache(ctx, folder: Optional[Path]) -> AnswerCache:
     saved = json.loads((folder / "answers.json").read_text()) if folder is not None else None
     return AnswerCache(ctx.base_answers, saved)
+
+
+def _save_cache(cache: AnswerCache, folder: Path) -> None:
+    tmp = folder / "answers.json.tmp"
+    tmp.write_text(json.dumps(cache.pairs))
+    os.replace(tmp, folder / "answers.json")
 
 
 def _subspace_params(model) -> dict:
@@ -107,9 +115,7 @@ class ASR:
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(str(folder / "bank"))
-        tmp = folder / "answers.json.tmp"
-        tmp.write_text(json.dumps(self.cache.pairs))
-        os.replace(tmp, folder / "answers.json")
+        _save_cache(self.cache, folder)
 
     def finish(self, folder: Path) -> dict:
         ctx, bank = self.ctx, folder / "bank"
@@ -172,6 +178,7 @@ def run_oracle(ctx) -> dict:
         cache = _load_cache(ctx, source)
         start = time.perf_counter()
         items = cache.score(model, ctx.evaluator, {i: [t.name] * len(t.eval) for i, t in enumerate(ctx.tasks)})
+        _save_cache(cache, source)  # the pinned answers join asr's: asr-paper starts from them
         last = len(ctx.tasks) - 1
         stage = {"stage": last, "task": ctx.tasks[last].name, "items": {str(i): v for i, v in items.items()},
                  "train_s": 0.0, "router_s": 0.0, "eval_s": round(time.perf_counter() - start, 2),

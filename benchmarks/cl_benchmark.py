@@ -58,7 +58,9 @@ from cl_streams import (DEFAULT_STREAMS, STREAMS, context_length, load_model, lo
 from common import REPO, RESULTS_DIR, versions  # noqa: E402
 
 MARK_START = "<!-- cl_benchmark:start -->"  # the block this script owns in RESULTS.md
-METHODS = ("asr", "asr-paper", "oracle", "seqlora", "replay", "olora", "multitask")
+# run order: the oracle right after asr, so that asr-paper starts from the answers both generated (a prompt
+# asr-paper routes to its own task then reads the oracle's very answer)
+METHODS = ("asr", "oracle", "asr-paper", "seqlora", "replay", "olora", "multitask")
 SEQUENTIAL = {"asr": ASR, "asr-paper": ASRPaper, "seqlora": SeqLoRA, "replay": Replay, "olora": OLoRA}
 STOPPED = 75  # exit status when --budget-minutes stopped the run (EX_TEMPFAIL: run again to continue)
 

@@ -216,7 +216,7 @@ def main(argv=None) -> int:
             save()
             print(f"budget of {args.budget_minutes} minutes spent; run the same command again to continue.")
             return STOPPED
-        deadline.longest = max(deadline.longest, curve["train_s"] + sum(curve["eval_s"].values()))
+        deadline.longest = max(deadline.longest, curve.get("train_s", 0.0) + sum(curve["eval_s"].values()))
     chosen, points, note = choose_budget(data["curves"], args.tolerance, args.cap)
     for task, point in points.items():
         data["curves"][task]["flattens_at"] = point

@@ -4,7 +4,8 @@
 (``cl_asr``): a prompt routed to its own task gets, under a router, the very answer the oracle gets. So, per prompt,
 ``router - oracle`` is zero wherever the router was right, and the routing gap of a task is exactly the sum of its
 misrouted prompts' differences, split here into prompts sent to another task and prompts sent to the base model
-(the right-routed remainder is reported too: it must be 0, anything else is a bug in the benchmark). For the same
+(the right-routed remainder is reported too: it must be 0, anything else is a bug in the benchmark; ``cl_asr`` runs
+the oracle before ``asr-paper`` so that all three share their answers). For the same
 reason a router's BWT can only come from prompts of earlier tasks that changed route after their stage.
 
 ``oracle - multitask`` is the other part of ``asr - multitask``: one subspace per task, trained on its task alone,
@@ -61,8 +62,8 @@ def routing_gap(rec: dict, oracle: list[list[float]], tasks: list[str], seed: in
 
 
 def route_changes(rec: dict, tasks: list[str]) -> Optional[dict]:
-    """Prompts of the earlier tasks whose route after the last stage differs from their route just after their own
-    stage, and the score change they carry (BWT is their sum over the tasks, per task averaged)."""
+    """How many prompts of the earlier tasks are routed, after the last stage, otherwise than just after their own
+    stage (None when a stage kept no routes)."""
     stages = {s["stage"]: s for s in rec.get("stages", [])}
     last = len(tasks) - 1
     if last < 1 or last not in stages:
@@ -132,7 +133,7 @@ def _pts(v, signed: bool = True) -> str:
 
 
 def _with_ci(point, ci) -> str:
-    return f"{_pts(point)} [{_pts(ci[0])}, {_pts(ci[1])}]"
+    return _pts(point) if not ci else f"{_pts(point)} [{_pts(ci[0])}, {_pts(ci[1])}]"
 
 
 def gaps_markdown(data: dict, seed: int = 0) -> str:

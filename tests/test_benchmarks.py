@@ -166,6 +166,7 @@ def test_the_gaps_to_the_oracle_are_split_by_where_misrouted_prompts_went(cl):
     assert "asr: OP +0.0 [" in text and "1 of the earlier tasks' 4 prompts changed route" in text
     assert "| a | 50.0 | 75.0 | 75.0 | +0.0 | -25.0 | +25.0 | +0.0 | 100.0 | -25.0 |" in text
     assert "- OP, oracle - multi-task: +12.5 [" in text
+    assert cl_gaps._with_ci(0.0, None) == "+0.0"  # a one-task stream: BWT 0 without an interval
     # until the oracle is measured there is nothing to split
     assert cl_gaps.gaps_markdown({**data, "methods": {"asr": asr}}) == ""
 
@@ -221,14 +222,20 @@ def test_the_answer_position_loss_equals_the_models_loss_and_gradients(cl, kind,
     model.zero_grad()
     trainer = cl_methods.answer_loss_trainer()(model=model, args=TrainingArguments(output_dir=str(tmp_path),
                                                                                      use_cpu=True, report_to=[]))
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(6))
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)  # no count: this batch's mean
     loss.backward()
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
-    _, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
     assert outputs.logits.shape[1] == 6  # positions 2, 3, 4, 6, 7, 10 predict an answer token; 6 of 12 are skipped
+    # with the Trainer's count of the accumulated batch (here 15 labelled tokens over the batches of one step), the
+    # sum is divided by that count, as the model's loss does
+    with torch.no_grad():
+        summed = model(**batch, num_items_in_batch=torch.tensor(15)).loss
+        ours = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(15))
+    assert ours.item() == pytest.approx(summed.item(), rel=1e-5)
+    assert ours.item() == pytest.approx(reference.item() * 6 / 15, rel=1e-5)
 
 
 def test_a_run_that_leaves_results_md_alone_leaves_the_committed_json_alone(capsys):
