@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -89,13 +90,14 @@ def settings_line(s: dict, legacy: bool) -> str:
 
 
 def measured_line(data: dict) -> str:
-    what = {"diagonal+final": "R[t][t] after each stage t and every task after the last stage (FWT and "
+    what = {"diagonal+final": "`R[t][t]` after each stage t and every task after the last stage (FWT and "
                               "forgetting need entries that are not measured: `-`)",
             "seen+next": "tasks 0..t+1 after stage t", "all": "every task after every stage"}
     line = f"Measured entries of the accuracy matrix: {what[data['settings']['eval_scope']]}."
     derived = data["methods"].get("oracle", {}).get("derived")
     if derived:
-        line += f" `oracle`: the last row only; its diagonal is derived ({derived['why']}, so its BWT is 0)."
+        why = re.sub(r"(R\[[^\]]+\]\[[^\]]+\])", r"`\1`", derived["why"])  # R[i][i] is no link in markdown
+        line += f" `oracle`: the last row only; its diagonal is derived ({why}, so its BWT is 0)."
     return line
 
 

@@ -185,7 +185,7 @@ def test_stream_markdown_names_settings_measured_entries_and_intervals(cl):
     text = cl.stream_markdown("s", data, "about it")
     assert text.startswith("### s: a -> b (about it)")
     assert "Settings: 2 steps x batch 2" in text and "middle truncation; training rows up to 128 tokens" in text
-    assert "Measured entries of the accuracy matrix: R[t][t] after each stage t and every task after the last" in text
+    assert "Measured entries of the accuracy matrix: `R[t][t]` after each stage t and every task after the last" in text
     lo, hi = rec["summary"]["op_ci"]
     assert f"| seqlora | 50.0 [{100 * lo:.1f}, {100 * hi:.1f}] | -50.0 [" in text
     assert "| replay (stopped after 1 stages) |" in text
